@@ -1,0 +1,9 @@
+"""clbench: continual-learning benchmarks for prompt-based methods on frozen transformers."""
+
+import warnings
+
+# avalanche imports qpsolvers, which warns on import that it found no QP solver; no clbench
+# strategy uses a QP solver (that is GEM's), so the warning would only be noise.
+warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
+
+__version__ = "0.1.0"

@@ -1,0 +1,106 @@
+"""The promptable-encoder interface shared by every backbone adapter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from clbench.encoders.attention import Prompt
+
+
+@dataclass
+class EncoderOutput:
+    """pooled: [B, feature_dim] (ViT [CLS]; text: entity-marker states concatenated).
+    tokens: [B, N, D] final hidden states, prompt tokens included.
+    num_prompt_tokens / prompt_offset: where the prompt tokens sit in ``tokens``.
+    """
+
+    pooled: Tensor
+    tokens: Tensor
+    num_prompt_tokens: int = 0
+    prompt_offset: int = 0
+
+    def prompt_token_states(self) -> Tensor:
+        """The final states of the prompt tokens, [B, Lt, D]."""
+        start = self.prompt_offset
+        return self.tokens[:, start : start + self.num_prompt_tokens]
+
+
+class PromptableEncoder(nn.Module):
+    """A frozen pretrained transformer whose attention a prompt can change.
+
+    Subclasses implement ``embed`` (raw input -> token states + per-batch context),
+    ``run_block`` (one frozen block with an optional prefix / gate), ``finish`` (final
+    norm) and ``pool``. The frozen weights exist once; strategies share this module,
+    and a prompt pool's query is this same module run without a prompt.
+
+    Strategies that add low-rank updates can wrap the projections reachable through
+    ``self.blocks`` in place (the weights stay shared): nothing here copies a layer.
+    """
+
+    modality: str = ""
+    embed_dim: int
+    num_layers: int
+    num_heads: int
+    feature_dim: int
+    # leading special tokens ([CLS], register tokens) before which nothing is inserted
+    num_leading_tokens: int = 1
+
+    def freeze(self) -> PromptableEncoder:
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True) -> PromptableEncoder:
+        # Frozen and deterministic: dropout stays off even while a strategy trains, so
+        # the un-prompted query of an item is a fixed function of the item.
+        return super().train(False)
+
+    # -- to implement ---------------------------------------------------------------
+    def embed(self, x: Tensor) -> tuple[Tensor, Any]:
+        raise NotImplementedError
+
+    def run_block(
+        self, index: int, hidden: Tensor, context: Any, prefix: Tensor | None, gate: Any
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def finish(self, hidden: Tensor) -> Tensor:
+        return hidden
+
+    def pool(self, hidden: Tensor, context: Any, num_prompt_tokens: int) -> Tensor:
+        raise NotImplementedError
+
+    def extend_context(self, context: Any, num_prompt_tokens: int) -> Any:
+        """Adapt the per-batch context after ``num_prompt_tokens`` tokens were inserted."""
+        return context
+
+    # -- shared ---------------------------------------------------------------------
+    def forward(self, x: Tensor, prompt: Prompt | None = None) -> EncoderOutput:
+        hidden, context = self.embed(x)
+        num_prompt_tokens = 0
+        if prompt is not None and prompt.tokens is not None:
+            tokens = prompt.tokens.to(hidden.dtype)
+            if tokens.shape[0] != hidden.shape[0]:
+                tokens = tokens.expand(hidden.shape[0], -1, -1)
+            lead = self.num_leading_tokens
+            hidden = torch.cat([hidden[:, :lead], tokens, hidden[:, lead:]], dim=1)
+            num_prompt_tokens = tokens.shape[1]
+            context = self.extend_context(context, num_prompt_tokens)
+        for index in range(self.num_layers):
+            prefix = gate = None
+            if prompt is not None:
+                prefix = prompt.prefixes.get(index)
+                gate = prompt.gates.get(index)
+            hidden = self.run_block(index, hidden, context, prefix, gate)
+        hidden = self.finish(hidden)
+        pooled = self.pool(hidden, context, num_prompt_tokens)
+        return EncoderOutput(pooled, hidden, num_prompt_tokens, self.num_leading_tokens)
+
+    @torch.no_grad()
+    def query(self, x: Tensor) -> Tensor:
+        """The un-prompted pooled feature: the query of prompt pools and task predictors."""
+        return self.forward(x).pooled

@@ -1,0 +1,120 @@
+"""Registries: strategies, scenarios and backbones are created by name.
+
+Every entry carries a one-line description (for ``clbench list``); an unknown name is a
+:class:`~clbench.errors.UsageError` that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from clbench.errors import UsageError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    name: str
+    target: T
+    description: str
+
+
+class Registry(Generic[T]):
+    """A name -> object map with a decorator to fill it."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+
+    def register(self, name: str, description: str) -> Callable[[T], T]:
+        def decorate(target: T) -> T:
+            if name in self._entries and self._entries[name].target is not target:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._entries[name] = Entry(name, target, description)
+            return target
+
+        return decorate
+
+    def get(self, name: str) -> T:
+        _load_builtin_modules()
+        if name not in self._entries:
+            raise UsageError(
+                f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}"
+            )
+        return self._entries[name].target
+
+    def entry(self, name: str) -> Entry[T]:
+        self.get(name)
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        _load_builtin_modules()
+        return sorted(self._entries)
+
+    def __iter__(self) -> Iterator[Entry[T]]:
+        _load_builtin_modules()
+        return iter(sorted(self._entries.values(), key=lambda e: e.name))
+
+    def __contains__(self, name: str) -> bool:
+        _load_builtin_modules()
+        return name in self._entries
+
+
+STRATEGIES: Registry[Any] = Registry("strategy")
+SCENARIOS: Registry[Any] = Registry("scenario")
+BACKBONES: Registry[Any] = Registry("backbone")
+
+_BUILTIN_PACKAGES = ("clbench.strategies", "clbench.scenarios", "clbench.encoders.zoo")
+_loaded = False
+
+
+def _load_builtin_modules() -> None:
+    """Import every module of the built-in packages once, so their decorators run."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import pkgutil
+
+    for package_name in _BUILTIN_PACKAGES:
+        package = importlib.import_module(package_name)
+        for info in pkgutil.iter_modules(getattr(package, "__path__", [])):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{package_name}.{info.name}")
+
+
+def load_strategy_class(spec: str) -> Any:
+    """A registered name, or ``module:Class`` / ``path/to/file.py:Class`` for a user's class."""
+    if ":" not in spec:
+        return STRATEGIES.get(spec)
+    module_part, _, class_name = spec.rpartition(":")
+    if module_part.endswith(".py") or "/" in module_part:
+        path = Path(module_part)
+        if not path.is_file():
+            raise UsageError(f"strategy file {path} does not exist (from --strategy {spec!r})")
+        module_name = f"clbench_user_{path.stem}"
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_part)
+        except ModuleNotFoundError as error:
+            raise UsageError(f"cannot import module {module_part!r}: {error}") from error
+    if not hasattr(module, class_name):
+        raise UsageError(f"{module_part} has no class {class_name!r}")
+    strategy_class = getattr(module, class_name)
+    from clbench.strategy import CLStrategy
+
+    if not (isinstance(strategy_class, type) and issubclass(strategy_class, CLStrategy)):
+        raise UsageError(f"{spec} is not a subclass of clbench.strategy.CLStrategy")
+    return strategy_class

@@ -1,0 +1,255 @@
+"""The run loop: train each experience, evaluate every test experience, checkpoint, record.
+
+``resolve_run`` turns names and ``--set`` overrides into a validated configuration before
+anything is written; ``execute`` runs it into a run folder and can resume one.
+"""
+
+from __future__ import annotations
+
+import random
+import resource
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import numpy as np
+import torch
+from avalanche.core import SupervisedPlugin
+
+from clbench import __version__
+from clbench.config import apply_overrides
+from clbench.errors import UsageError
+from clbench.registry import BACKBONES, SCENARIOS, load_strategy_class
+from clbench.results import ExperienceRecord, RunFolder
+from clbench.strategy import CLStrategy, EpochProgress
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass
+class RunRequest:
+    strategy: str
+    scenario: str
+    backbone: str | None = None
+    seed: int = 0
+    preset: str = "auto"
+    strategy_overrides: dict[str, str] = field(default_factory=dict)
+    scenario_overrides: dict[str, str] = field(default_factory=dict)
+    backbone_overrides: dict[str, str] = field(default_factory=dict)
+    device: str = "auto"
+
+
+def options_class(factory: Callable[..., Any]) -> type:
+    """The options dataclass a scenario / backbone factory takes as ``options``."""
+    return get_type_hints(factory)["options"]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"unknown device {device!r}; valid choices: auto, cpu, cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
+    return device
+
+
+def resolve_preset(strategy_class: type[CLStrategy], preset: str, scenario: str) -> tuple[str, dict[str, Any]]:
+    """``auto`` = the strategy's preset named after the scenario if it has one, else defaults."""
+    presets = strategy_class.presets
+    if preset == "auto":
+        preset = scenario if scenario in presets else "default"
+    if preset == "default":
+        return preset, {}
+    if preset not in presets:
+        valid = ", ".join(["auto", "default", *sorted(presets)])
+        raise UsageError(f"unknown preset {preset!r} for {strategy_class.name}; valid choices: {valid}")
+    return preset, dict(presets[preset])
+
+
+def resolve_run(request: RunRequest) -> dict[str, Any]:
+    """A full, validated configuration (a JSON-able dict); raises UsageError on bad input."""
+    strategy_class = load_strategy_class(request.strategy)
+    scenario_factory = SCENARIOS.get(request.scenario)
+    backbone = request.backbone or getattr(scenario_factory, "default_backbone", None)
+    if backbone is None:
+        raise UsageError(f"scenario {request.scenario} names no default backbone: pass --backbone")
+    backbone_factory = BACKBONES.get(backbone)
+    preset, preset_values = resolve_preset(strategy_class, request.preset, request.scenario)
+    strategy_config = apply_overrides(strategy_class.Config(), preset_values, what=f"{strategy_class.name} preset")
+    strategy_config = apply_overrides(strategy_config, request.strategy_overrides, what=strategy_class.name or "strategy")
+    scenario_options = apply_overrides(options_class(scenario_factory)(), request.scenario_overrides, what=f"scenario {request.scenario}")
+    backbone_options = apply_overrides(options_class(backbone_factory)(), request.backbone_overrides, what=f"backbone {backbone}")
+    return {
+        "clbench_version": __version__,
+        "protocol_version": PROTOCOL_VERSION,
+        "strategy": request.strategy,
+        "scenario": request.scenario,
+        "backbone": backbone,
+        "seed": request.seed,
+        "preset": preset,
+        "device": resolve_device(request.device),
+        "strategy_options": strategy_config.to_dict(),
+        "scenario_options": scenario_options.to_dict(),
+        "backbone_options": backbone_options.to_dict(),
+    }
+
+
+def new_run_folder(out: Path, config: dict[str, Any]) -> RunFolder:
+    strategy_name = config["strategy"].rpartition(":")[2] or config["strategy"]
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(out) / config["scenario"] / strategy_name.replace("/", "_")
+    name = f"{config['backbone']}_seed{config['seed']}_{stamp}"
+    path, suffix = base / name, 1
+    while path.exists():
+        suffix += 1
+        path = base / f"{name}-{suffix}"
+    return RunFolder(path)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class AccuracyCollector(SupervisedPlugin):
+    """Correct predictions and item counts per evaluated experience, kept on the device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.correct: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, int] = {}
+
+    def after_eval_iteration(self, strategy: CLStrategy, *args: Any, **kwargs: Any) -> None:
+        index = int(strategy.experience.current_experience)
+        hits = (strategy.mb_output.argmax(dim=1) == strategy.mb_y).sum()
+        self.correct[index] = self.correct.get(index, 0) + hits
+        self.counts[index] = self.counts.get(index, 0) + int(strategy.mb_y.shape[0])
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def build_components(config: dict[str, Any]) -> tuple[CLStrategy, Any]:
+    """Encoder, scenario and strategy of a resolved configuration (seeded)."""
+    seed_everything(config["seed"])
+    backbone_factory = BACKBONES.get(config["backbone"])
+    encoder = backbone_factory(options_class(backbone_factory)(**config["backbone_options"]))
+    scenario_factory = SCENARIOS.get(config["scenario"])
+    scenario = scenario_factory(
+        options_class(scenario_factory)(**config["scenario_options"]), encoder, config["seed"]
+    )
+    strategy_class = load_strategy_class(config["strategy"])
+    strategy = strategy_class(
+        encoder, scenario.num_classes, strategy_class.Config(**config["strategy_options"]),
+        device=config["device"], plugins=[EpochProgress()],
+    )
+    return strategy, scenario
+
+
+def _terminate_as_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def execute(folder: RunFolder, config: dict[str, Any] | None = None, *, resume: bool = False,
+            echo: Callable[[str], None] = print) -> RunFolder:
+    """Run (or resume) the configuration into ``folder``; returns the folder."""
+    if resume:
+        if not folder.exists():
+            raise UsageError(f"{folder.path} is not a clbench run folder (no config.json)")
+        config = folder.config()
+        if folder.status().get("state") == "complete":
+            echo(f"{folder.path}: already complete")
+            return folder
+    else:
+        assert config is not None
+        folder.path.mkdir(parents=True, exist_ok=False)
+        folder.write_config(config)
+    folder.write_environment(config["device"])
+    previous_handler = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    try:
+        return _run_experiences(folder, config, resume, echo)
+    except KeyboardInterrupt:
+        finished = len(folder.records())
+        folder.set_status("interrupted", finished_experiences=finished)
+        echo(f"interrupted after {finished} finished experiences; "
+             f"resume with: clbench run --resume {folder.path}")
+        raise
+    except BaseException as error:
+        folder.set_status("failed", finished_experiences=len(folder.records()),
+                          error=f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _run_experiences(folder: RunFolder, config: dict[str, Any], resume: bool,
+                     echo: Callable[[str], None]) -> RunFolder:
+    strategy, scenario = build_components(config)
+    train_stream = scenario.benchmark.train_stream
+    test_stream = scenario.benchmark.test_stream
+    start = 0
+    if resume and (folder.path / "checkpoint.pt").is_file():
+        checkpoint = folder.load_checkpoint()
+        strategy.load_state_dict(checkpoint["strategy"])
+        start = checkpoint["finished_experiences"]
+        if len(folder.records()) < start:  # killed between checkpoint and progress record
+            folder.append_record(ExperienceRecord(**checkpoint["record"]))
+        echo(f"resuming {folder.path} after {start} finished experiences")
+    folder.set_status("running", finished_experiences=start)
+    echo(f"run {folder.path}\n{scenario.summary()}\nstrategy {config['strategy']} "
+         f"(preset {config['preset']}), backbone {config['backbone']}, device {config['device']}, "
+         f"seed {config['seed']}")
+    device = config["device"]
+    for index in range(start, scenario.num_experiences):
+        seed_everything(config["seed"] * 1000 + index)  # resumable: no RNG state carried over
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        began = time.perf_counter()
+        strategy.train(train_stream[index])
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        train_seconds = time.perf_counter() - began
+
+        began = time.perf_counter()
+        collector = AccuracyCollector()
+        strategy.plugins.append(collector)
+        try:
+            strategy.eval(test_stream)
+        finally:
+            strategy.plugins.remove(collector)
+        order = range(scenario.num_experiences)
+        correct = [int(collector.correct[i]) for i in order]
+        counts = [collector.counts[i] for i in order]
+        eval_seconds = time.perf_counter() - began
+        record = ExperienceRecord(
+            experience=index,
+            accuracy=[100.0 * c / n for c, n in zip(correct, counts)],
+            correct=correct, counts=counts,
+            train_seconds=train_seconds, eval_seconds=eval_seconds,
+            peak_memory_mb=_peak_memory_mb(device), extra={},
+        )
+        folder.save_checkpoint({"strategy": strategy.state_dict(),
+                                "finished_experiences": index + 1, "record": vars(record)})
+        folder.append_record(record)
+        folder.set_status("running", finished_experiences=index + 1)
+        summary = folder.metrics()
+        seen_row = " ".join(f"{a:5.1f}" for a in record.accuracy[: index + 1])
+        echo(f"experience {index}: train {train_seconds:.1f}s, eval {eval_seconds:.1f}s | "
+             f"accuracy on seen tasks [{seen_row}] | FAA {summary['faa']:.2f} "
+             f"seen-class acc {summary['seen_accuracy'][-1]:.2f}")
+        sys.stdout.flush()
+    folder.set_status("complete", finished_experiences=scenario.num_experiences)
+    summary = folder.metrics()
+    echo(f"done: FAA {summary['faa']:.2f}  CAA {summary['caa']:.2f}  FFM {summary['ffm']:.2f}  "
+         f"({summary['train_seconds'] + summary['eval_seconds']:.0f}s) -> {folder.path}")
+    return folder

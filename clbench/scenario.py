@@ -1,0 +1,121 @@
+"""What a run needs to know about a scenario, and the helpers that build one."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from clbench.errors import UsageError
+
+
+@dataclass
+class Scenario:
+    """An Avalanche benchmark plus its description.
+
+    benchmark: Avalanche ``CLScenario`` with ``train_stream`` and ``test_stream``.
+    classes_per_experience: the class ids of each experience, in stream order (lists,
+        sorted; Avalanche itself gives sets).
+    class_names: name of each class id.
+    """
+
+    name: str
+    benchmark: Any
+    classes_per_experience: list[list[int]]
+    class_names: list[str]
+    modality: Literal["vision", "text"]
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_experiences(self) -> int:
+        return len(self.classes_per_experience)
+
+    def summary(self) -> str:
+        lines = [f"{self.name}: {self.num_experiences} experiences, {self.num_classes} classes"]
+        for index, (train, test) in enumerate(
+            zip(self.benchmark.train_stream, self.benchmark.test_stream)
+        ):
+            classes = self.classes_per_experience[index]
+            lines.append(
+                f"  experience {index}: {len(classes)} classes, {len(train.dataset)} train / "
+                f"{len(test.dataset)} test items: {', '.join(self.class_names[c] for c in classes)}"
+            )
+        return "\n".join(lines)
+
+
+def default_data_root() -> Path:
+    """``$CLBENCH_DATA``, else ``~/.cache/clbench/data``: never the working directory."""
+    env = os.environ.get("CLBENCH_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "clbench" / "data"
+
+
+def seeded_class_order(num_classes: int, seed: int) -> list[int]:
+    """``random.seed(seed); random.shuffle(list(range(n)))``, as NoRGa's scripts do."""
+    order = list(range(num_classes))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def split_into_tasks(class_order: Sequence[int], num_experiences: int) -> list[list[int]]:
+    if num_experiences < 1 or len(class_order) % num_experiences:
+        raise UsageError(
+            f"cannot split {len(class_order)} classes into {num_experiences} equal experiences"
+        )
+    size = len(class_order) // num_experiences
+    return [sorted(class_order[i * size : (i + 1) * size]) for i in range(num_experiences)]
+
+
+def class_incremental(
+    train: Any,
+    test: Any,
+    class_order: Sequence[int],
+    num_experiences: int,
+) -> tuple[Any, list[list[int]]]:
+    """A class-incremental Avalanche benchmark from two classification datasets.
+
+    ``train`` / ``test`` are anything ``avalanche.benchmarks.utils.as_classification_dataset``
+    takes (a dataset with a ``targets`` list); the order is used as given.
+    """
+    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+    from avalanche.benchmarks.utils import as_classification_dataset
+
+    classes = split_into_tasks(class_order, num_experiences)
+    benchmark = class_incremental_benchmark(
+        {"train": as_classification_dataset(train), "test": as_classification_dataset(test)},
+        class_order=list(class_order),
+        num_experiences=num_experiences,
+    )
+    return benchmark, classes
+
+
+class TensorClassificationDataset(torch.utils.data.Dataset):
+    """Items (x, y) from a tensor of inputs and a tensor of labels, with ``targets``."""
+
+    def __init__(self, inputs: Tensor, labels: Tensor, transform: Any = None) -> None:
+        if len(inputs) != len(labels):
+            raise ValueError("inputs and labels differ in length")
+        self.inputs = inputs
+        self.labels = labels.long()
+        self.targets = self.labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        x = self.inputs[index]
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.labels[index]

@@ -1,0 +1,289 @@
+"""The strategy base: an Avalanche ``SupervisedTemplate`` with the few hooks a method needs.
+
+A method author writes one class::
+
+    @STRATEGIES.register("my-method", "one line for `clbench list`")
+    class MyMethod(CLStrategy):
+        Config = MyConfig                      # typed hyper-parameters (paper symbols in help)
+        presets = {"quick": {...}}             # named settings, e.g. per scenario
+
+        def setup(self, model): ...            # add trainable modules to `model`
+        def train_logits(self, x): ...         # logits while training (+ self.auxiliary_loss)
+        def predict(self, x): ...              # logits over all classes at test time
+        def training_loss(self, logits, y): ...    # optional; default CE + auxiliary loss
+        def begin_task(self, task, classes): ...   # optional
+        def end_task(self, task, classes): ...     # optional
+
+and it works in a plain Avalanche script (``strategy.train(exp)``, ``strategy.eval(stream)``,
+plugins, loggers) as well as under ``clbench run``.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from avalanche.core import SupervisedPlugin
+from avalanche.training.plugins import EvaluationPlugin
+from avalanche.training.templates import SupervisedTemplate
+from torch import Tensor, nn
+
+from clbench.config import Options, apply_overrides, option
+from clbench.encoders.base import PromptableEncoder
+from clbench.errors import UsageError
+
+
+@dataclass
+class StrategyConfig(Options):
+    """Training settings every strategy has."""
+
+    epochs: int = option(5, "training epochs per experience")
+    batch_size: int = option(32, "training mini-batch size")
+    eval_batch_size: int = option(128, "evaluation mini-batch size")
+    lr: float = option(1e-3, "learning rate of the trainable modules", symbol="eta")
+    optimizer: Literal["adam", "sgd"] = option("adam", "optimizer of the trainable modules")
+    weight_decay: float = option(0.0, "weight decay")
+    grad_clip: float = option(0.0, "clip the gradient norm to this value (0: off)")
+    num_workers: int = option(0, "data-loader worker processes")
+
+
+class StrategyModel(nn.Module):
+    """The shared frozen encoder plus the strategy's trainable modules."""
+
+    def __init__(self, encoder: PromptableEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: Tensor) -> Tensor:  # Avalanche never calls it: the strategy does
+        raise RuntimeError("call the strategy's train_logits / predict instead")
+
+
+def quiet_evaluator() -> EvaluationPlugin:
+    """No Avalanche metrics or loggers: clbench's run loop measures what it reports."""
+    return EvaluationPlugin(loggers=[])
+
+
+class EpochProgress(SupervisedPlugin):
+    """One line per training epoch: experience, epoch, mean loss, train accuracy, seconds."""
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__()
+        self.stream = stream or sys.stderr
+
+    def before_training_epoch(self, strategy: CLStrategy, *args: Any, **kwargs: Any) -> None:
+        self._start = time.perf_counter()
+        self._loss = torch.zeros((), device=strategy.device)
+        self._correct = torch.zeros((), device=strategy.device)
+        self._seen = 0
+
+    def after_training_iteration(self, strategy: CLStrategy, *args: Any, **kwargs: Any) -> None:
+        # accumulated on the device: no host round trip per iteration
+        size = strategy.mb_y.shape[0]
+        self._loss += strategy.loss.detach().sum() * size
+        self._correct += (strategy.mb_output.argmax(1) == strategy.mb_y).sum()
+        self._seen += size
+
+    def after_training_epoch(self, strategy: CLStrategy, *args: Any, **kwargs: Any) -> None:
+        seen = max(self._seen, 1)
+        print(
+            f"  experience {strategy.current_task} epoch {strategy.clock.train_exp_epochs + 1}"
+            f"/{strategy.train_epochs}: loss {self._loss.item() / seen:.4f}, "
+            f"train acc {100 * self._correct.item() / seen:.1f}%, "
+            f"{time.perf_counter() - self._start:.1f}s",
+            file=self.stream, flush=True,
+        )
+
+
+class CLStrategy(SupervisedTemplate):
+    """Base of every clbench strategy. See the module docstring for the hooks."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Config: ClassVar[type[StrategyConfig]] = StrategyConfig
+    # named presets: field -> value, e.g. {"quick": {"epochs": 1}, "fewrel-offline": {...}}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(
+        self,
+        encoder: PromptableEncoder,
+        num_classes: int,
+        config: StrategyConfig | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        plugins: list[Any] | None = None,
+        evaluator: Any = quiet_evaluator,
+        **overrides: Any,
+    ) -> None:
+        config = config if config is not None else self.Config()
+        if not isinstance(config, self.Config):
+            raise UsageError(f"{type(self).__name__} takes a {self.Config.__name__}")
+        self.config = apply_overrides(config, overrides, what=self.name or type(self).__name__)
+        self.encoder = encoder.freeze()
+        self.num_classes = num_classes
+        self.current_task = -1
+        self.current_classes: list[int] = []
+        self.task_classes: list[list[int]] = []
+        self.auxiliary_loss: Tensor | None = None
+        model = StrategyModel(encoder)
+        self.setup(model)
+        # Avalanche wants an optimizer now; the real one is built per experience.
+        placeholder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
+        super().__init__(
+            model=model,
+            optimizer=placeholder,
+            criterion=nn.CrossEntropyLoss(),
+            train_mb_size=self.config.batch_size,
+            train_epochs=self.config.epochs,
+            eval_mb_size=self.config.eval_batch_size,
+            device=device,
+            plugins=plugins,
+            evaluator=evaluator,
+        )
+        self.model.to(self.device)
+        self.seen_classes = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
+
+    # -- hooks for method authors ------------------------------------------------------
+    def setup(self, model: StrategyModel) -> None:
+        """Add the trainable modules (prompts, heads) to ``model``."""
+
+    def begin_task(self, task: int, classes: list[int]) -> None:
+        """Called before training on experience ``task`` (after the class bookkeeping)."""
+
+    def end_task(self, task: int, classes: list[int]) -> None:
+        """Called after training on experience ``task``."""
+
+    def train_logits(self, x: Tensor) -> Tensor:
+        """Logits over all classes for a training batch; may set ``self.auxiliary_loss``."""
+        raise NotImplementedError
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Logits over all classes for a test batch (unseen classes are masked out)."""
+        raise NotImplementedError
+
+    def training_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Cross-entropy (over the current classes when ``mask_train_logits``) + aux loss."""
+        if getattr(self.config, "mask_train_logits", False):
+            logits = self.mask_to(logits, self.current_class_mask)
+        loss = F.cross_entropy(logits, targets)
+        if self.auxiliary_loss is not None:
+            loss = loss + self.auxiliary_loss
+        return loss
+
+    def trainable_parameters(self) -> list[dict[str, Any]]:
+        """Parameter groups of the optimizer; default: every parameter that requires grad."""
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def extra_state(self) -> dict[str, Any]:
+        """Checkpointed state that is not a module parameter or buffer."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -- helpers ----------------------------------------------------------------------
+    @property
+    def current_class_mask(self) -> Tensor:
+        mask = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
+        mask[self.current_classes] = True
+        return mask
+
+    @staticmethod
+    def mask_to(logits: Tensor, allowed: Tensor) -> Tensor:
+        """Logits outside ``allowed`` set to the lowest finite value (losses stay finite)."""
+        return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+
+    def mask_unseen(self, logits: Tensor) -> Tensor:
+        return self.mask_to(logits, self.seen_classes)
+
+    # -- Avalanche plumbing -----------------------------------------------------------
+    def _before_training_exp(self, **kwargs: Any) -> None:
+        classes = sorted(int(c) for c in self.experience.classes_in_this_experience)
+        self.current_task = int(self.experience.current_experience)
+        self.current_classes = classes
+        if self.current_task == len(self.task_classes):
+            self.task_classes.append(classes)
+        self.seen_classes[classes] = True
+        self.begin_task(self.current_task, classes)
+        super()._before_training_exp(**kwargs)  # builds the loader and the optimizer
+
+    def _after_training_exp(self, **kwargs: Any) -> None:
+        self.end_task(self.current_task, self.current_classes)
+        super()._after_training_exp(**kwargs)
+
+    def make_optimizer(self, **kwargs: Any) -> None:
+        groups = [g for g in self.trainable_parameters() if g["params"]]
+        if not groups:
+            raise RuntimeError(f"{self.name}: nothing to train in experience {self.current_task}")
+        if self.config.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(
+                groups, lr=self.config.lr, weight_decay=self.config.weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.SGD(
+                groups, lr=self.config.lr, momentum=0.9, weight_decay=self.config.weight_decay
+            )
+        self.optimized_param_id = {}
+
+    def forward(self) -> Tensor:
+        if self.is_training:
+            self.auxiliary_loss = None
+            return self.train_logits(self.mb_x)
+        return self.predict(self.mb_x)
+
+    def criterion(self) -> Tensor:
+        if self.is_training:
+            return self.training_loss(self.mb_output, self.mb_y)
+        return F.cross_entropy(self.mb_output, self.mb_y)
+
+    def optimizer_step(self) -> None:
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]],
+                self.config.grad_clip,
+            )
+        super().optimizer_step()
+
+    def train(self, experiences: Any, eval_streams: Any = None, **kwargs: Any) -> Any:
+        kwargs.setdefault("num_workers", self.config.num_workers)
+        # evaluation is the run loop's job; [] keeps Avalanche from evaluating per epoch
+        return super().train(experiences, eval_streams=eval_streams or [], **kwargs)
+
+    # -- checkpoints ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything but the frozen encoder weights, which are never copied."""
+        model_state = {
+            key: value.detach().cpu().clone()
+            for key, value in self.model.state_dict().items()
+            if not key.startswith("encoder.")
+        }
+        return {
+            "strategy": self.name,
+            "config": self.config.to_dict(),
+            "model": model_state,
+            "requires_grad": {n: p.requires_grad for n, p in self.model.named_parameters()
+                              if not n.startswith("encoder.")},
+            "task_classes": self.task_classes,
+            "seen_classes": self.seen_classes.cpu(),
+            "current_task": self.current_task,
+            "extra": self.extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        missing = [k for k in missing if not k.startswith("encoder.")]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"checkpoint does not match {self.name}: missing {missing}, unexpected {unexpected}"
+            )
+        for name, parameter in self.model.named_parameters():
+            if name in state["requires_grad"]:
+                parameter.requires_grad_(state["requires_grad"][name])
+        self.task_classes = [list(c) for c in state["task_classes"]]
+        self.seen_classes = state["seen_classes"].to(self.device)
+        self.current_task = state["current_task"]
+        self.current_classes = self.task_classes[-1] if self.task_classes else []
+        self.load_extra_state(state["extra"])

@@ -1,0 +1,120 @@
+"""Small vision scenarios that need no download (smoke runs, tests, CI)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from clbench.config import Options, option
+from clbench.errors import UsageError
+from clbench.registry import SCENARIOS
+from clbench.scenario import (
+    Scenario,
+    TensorClassificationDataset,
+    class_incremental,
+    seeded_class_order,
+)
+
+# The train/test split never moves with the run seed: runs with different seeds must be
+# scored on the same test images.
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.2
+
+
+@dataclass
+class DigitsOptions(Options):
+    num_experiences: int = option(5, "number of tasks (10 classes split equally)")
+
+
+class Normalise:
+    """uint8 [C, H, W] -> float, scaled to [0, 1] then standardised per channel.
+
+    A class rather than a lambda so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return (x.float().div(255.0).expand(len(self.mean), -1, -1) - self.mean) / self.std
+
+
+def stratified_split(
+    labels: Sequence[int], test_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Train / test indices with ``round(test_fraction * n_c)`` test items per class c."""
+    rng = random.Random(seed)
+    train, test = [], []
+    for label in sorted(set(labels)):
+        members = [i for i, y in enumerate(labels) if y == label]
+        rng.shuffle(members)
+        cut = round(test_fraction * len(members))
+        test.extend(members[:cut])
+        train.extend(members[cut:])
+    return sorted(train), sorted(test)
+
+
+def resize_images(images: np.ndarray, size: tuple[int, int]) -> Tensor:
+    """[N, h, w] grey images in [0, 1] -> uint8 [N, 1, H, W], resized once (bilinear).
+
+    One channel is stored and expanded to three per item by :class:`Normalise`: at
+    224 x 224 that is 90 MB instead of 1 GB of float RGB.
+    """
+    x = torch.from_numpy(images).float().unsqueeze(1)
+    x = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x.clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+@SCENARIOS.register(
+    "digits-offline",
+    "scikit-learn's bundled 8x8 digits (1797 images, 10 classes), 5 tasks x 2 classes; offline",
+)
+def digits_offline(options: DigitsOptions, encoder: Any, seed: int) -> Scenario:
+    from sklearn.datasets import load_digits
+
+    if getattr(encoder, "modality", None) != "vision" or not hasattr(encoder, "input_size"):
+        raise UsageError(
+            "scenario digits-offline needs a vision backbone, e.g. vit-tiny-random "
+            f"(got a {getattr(encoder, 'modality', None) or type(encoder).__name__} backbone)"
+        )
+    digits = load_digits()
+    labels = [int(y) for y in digits.target]
+    # pixel values are 0..16 in the bundled data
+    images = resize_images(digits.images / 16.0, tuple(encoder.input_size[1:]))
+    train_idx, test_idx = stratified_split(labels, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
+    transform = Normalise(encoder.mean, encoder.std)
+    targets = torch.tensor(labels, dtype=torch.long)
+
+    def dataset(indices: list[int]) -> TensorClassificationDataset:
+        index = torch.tensor(indices, dtype=torch.long)
+        return TensorClassificationDataset(images[index], targets[index], transform)
+
+    train, test = dataset(train_idx), dataset(test_idx)
+    class_order = seeded_class_order(10, seed)
+    benchmark, classes = class_incremental(train, test, class_order, options.num_experiences)
+    return Scenario(
+        name="digits-offline",
+        benchmark=benchmark,
+        classes_per_experience=classes,
+        class_names=[str(c) for c in range(10)],
+        modality="vision",
+        details={
+            "source": "sklearn.datasets.load_digits (UCI optical digits, bundled)",
+            "split_seed": DIGITS_SPLIT_SEED,
+            "test_fraction": DIGITS_TEST_FRACTION,
+            "class_order": class_order,
+            "seed": seed,
+            "counts": {"train": len(train_idx), "test": len(test_idx)},
+            "input_size": tuple(encoder.input_size),
+        },
+    )
+
+
+digits_offline.default_backbone = "vit-tiny-random"
