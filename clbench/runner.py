@@ -150,7 +150,8 @@ def build_components(config: dict[str, Any]) -> tuple[CLStrategy, Any]:
     )
     strategy_class = load_strategy_class(config["strategy"])
     strategy = strategy_class(
-        encoder, scenario.num_classes, strategy_class.Config(**config["strategy_options"]),
+        encoder=encoder, num_classes=scenario.num_classes,
+        config=strategy_class.Config(**config["strategy_options"]),
         device=config["device"], plugins=[EpochProgress()],
     )
     return strategy, scenario

@@ -32,7 +32,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
-from clbench.config import Options, apply_overrides, option
+from clbench.config import Options, option
 from clbench.encoders.base import PromptableEncoder
 from clbench.errors import UsageError
 
@@ -64,7 +64,11 @@ class StrategyModel(nn.Module):
 
 def quiet_evaluator() -> EvaluationPlugin:
     """No Avalanche metrics or loggers: clbench's run loop measures what it reports."""
-    return EvaluationPlugin(loggers=[])
+    import warnings
+
+    with warnings.catch_warnings():  # "no loggers" is exactly what we ask for
+        warnings.simplefilter("ignore", UserWarning)
+        return EvaluationPlugin(loggers=[])
 
 
 class EpochProgress(SupervisedPlugin):
@@ -84,7 +88,10 @@ class EpochProgress(SupervisedPlugin):
         # accumulated on the device: no host round trip per iteration
         size = strategy.mb_y.shape[0]
         self._loss += strategy.loss.detach().sum() * size
-        self._correct += (strategy.mb_output.argmax(1) == strategy.mb_y).sum()
+        logits = strategy.mb_output
+        if getattr(strategy.config, "mask_train_logits", False):  # accuracy as the loss sees it
+            logits = strategy.mask_to(logits, strategy.current_class_mask)
+        self._correct += (logits.argmax(1) == strategy.mb_y).sum()
         self._seen += size
 
     def after_training_epoch(self, strategy: CLStrategy, *args: Any, **kwargs: Any) -> None:
@@ -109,19 +116,18 @@ class CLStrategy(SupervisedTemplate):
 
     def __init__(
         self,
+        *,
         encoder: PromptableEncoder,
         num_classes: int,
         config: StrategyConfig | None = None,
-        *,
         device: str | torch.device = "cpu",
         plugins: list[Any] | None = None,
         evaluator: Any = quiet_evaluator,
-        **overrides: Any,
     ) -> None:
         config = config if config is not None else self.Config()
         if not isinstance(config, self.Config):
             raise UsageError(f"{type(self).__name__} takes a {self.Config.__name__}")
-        self.config = apply_overrides(config, overrides, what=self.name or type(self).__name__)
+        self.config = config
         self.encoder = encoder.freeze()
         self.num_classes = num_classes
         self.current_task = -1

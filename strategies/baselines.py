@@ -53,8 +53,8 @@ class Joint(_LinearProbe):
     name = "joint"
     presets = SequentialFineTuning.presets
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self._seen_datasets: list[Any] = []
 
     def begin_task(self, task: int, classes: list[int]) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import timm
-from timm.models.vision_transformer import VisionTransformer
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
 from clbench.encoders.attention import prompted_attention
