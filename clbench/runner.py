@@ -237,7 +237,7 @@ def _run_experiences(folder: RunFolder, config: dict[str, Any], resume: bool,
             accuracy=[100.0 * c / n for c, n in zip(correct, counts)],
             correct=correct, counts=counts,
             train_seconds=train_seconds, eval_seconds=eval_seconds,
-            peak_memory_mb=_peak_memory_mb(device), extra={},
+            peak_memory_mb=_peak_memory_mb(device), extra=strategy.evaluation_summary(),
         )
         folder.save_checkpoint({"strategy": strategy.state_dict(),
                                 "finished_experiences": index + 1, "record": vars(record)})

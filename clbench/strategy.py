@@ -48,6 +48,10 @@ class StrategyConfig(Options):
     optimizer: Literal["adam", "sgd"] = option("adam", "optimizer of the trainable modules")
     weight_decay: float = option(0.0, "weight decay")
     grad_clip: float = option(0.0, "clip the gradient norm to this value (0: off)")
+    lr_schedule: Literal["constant", "cosine", "step"] = option(
+        "constant", "learning-rate schedule over each experience's epochs (stepped per epoch)"
+    )
+    lr_step_epoch: int = option(0, "with lr_schedule=step: multiply the lr by 0.1 after this epoch")
     num_workers: int = option(0, "data-loader worker processes")
 
 
@@ -105,6 +109,17 @@ class EpochProgress(SupervisedPlugin):
         )
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, config: StrategyConfig) -> Any:
+    """The per-epoch learning-rate schedule of ``config`` (None for a constant rate)."""
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
+    if config.lr_schedule == "step":
+        if config.lr_step_epoch <= 0:
+            raise UsageError("lr_schedule=step needs lr_step_epoch > 0")
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_epoch, gamma=0.1)
+    return None
+
+
 class CLStrategy(SupervisedTemplate):
     """Base of every clbench strategy. See the module docstring for the hooks."""
 
@@ -134,6 +149,7 @@ class CLStrategy(SupervisedTemplate):
         self.current_classes: list[int] = []
         self.task_classes: list[list[int]] = []
         self.auxiliary_loss: Tensor | None = None
+        self.scheduler: Any = None
         model = StrategyModel(encoder)
         self.setup(model)
         # Avalanche wants an optimizer now; the real one is built per experience.
@@ -182,6 +198,11 @@ class CLStrategy(SupervisedTemplate):
     def trainable_parameters(self) -> list[dict[str, Any]]:
         """Parameter groups of the optimizer; default: every parameter that requires grad."""
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+
+    def evaluation_summary(self) -> dict[str, Any]:
+        """Diagnostics gathered during the last evaluation (e.g. task-identity accuracy per
+        test experience); the run loop stores them with the experience's record."""
+        return {}
 
     def extra_state(self) -> dict[str, Any]:
         """Checkpointed state that is not a module parameter or buffer."""
@@ -233,6 +254,12 @@ class CLStrategy(SupervisedTemplate):
                 groups, lr=self.config.lr, momentum=0.9, weight_decay=self.config.weight_decay
             )
         self.optimized_param_id = {}
+        self.scheduler = make_scheduler(self.optimizer, self.config)
+
+    def _after_training_epoch(self, **kwargs: Any) -> None:
+        super()._after_training_epoch(**kwargs)
+        if self.scheduler is not None:
+            self.scheduler.step()
 
     def forward(self) -> Tensor:
         if self.is_training:

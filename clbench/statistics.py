@@ -1,0 +1,198 @@
+"""Class-wise Gaussian feature statistics and training on samples drawn from them.
+
+Shared by every method that consolidates without stored data (HiDe-Prompt, NoRGa,
+WAVE-CRE, the hierarchical-OT method): after a task, the features of each new class are
+summarised as a Gaussian (full covariance + shrinkage * I), or as k centroids with diagonal
+variances; later, heads are (re)trained on samples of every seen class.
+Everything is batched over classes: sampling is one call, not a loop over classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ClassStatistics:
+    """Per-class feature distributions.
+
+    mode="covariance": mean and full covariance (+ ``shrinkage`` * I), sampled as a
+        multivariate normal (HiDe-Prompt's default; WAVE-CRE's).
+    mode="centroids": ``num_centroids`` k-means centroids per class, each with a diagonal
+        variance; a sample picks a centroid uniformly (HiDe-Prompt's multi-centroid mode).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mode: Literal["covariance", "centroids"] = "covariance",
+        *,
+        shrinkage: float = 1e-4,
+        num_centroids: int = 10,
+    ) -> None:
+        if mode not in ("covariance", "centroids"):
+            raise ValueError(f"unknown statistics mode {mode!r}; valid: covariance, centroids")
+        self.dim = dim
+        self.mode = mode
+        self.shrinkage = shrinkage
+        self.num_centroids = num_centroids
+        # class id -> tensors on the CPU (moved to the sampling device on demand)
+        self.means: dict[int, Tensor] = {}
+        self.scales: dict[int, Tensor] = {}  # cholesky factor [D, D] or std [k, D]
+        self.centroids: dict[int, Tensor] = {}
+
+    @property
+    def classes(self) -> list[int]:
+        return sorted(self.means)
+
+    def update(self, features: Tensor, labels: Tensor) -> None:
+        """Fit (or refit) the statistics of every class present in ``labels``."""
+        features = features.detach().double().cpu()
+        labels = labels.cpu()
+        for label in labels.unique().tolist():
+            rows = features[labels == label]
+            self.means[label] = rows.mean(0).float()
+            if self.mode == "covariance":
+                centred = rows - rows.mean(0)
+                covariance = centred.T @ centred / max(len(rows) - 1, 1)
+                covariance += self.shrinkage * torch.eye(self.dim, dtype=covariance.dtype)
+                self.scales[label] = torch.linalg.cholesky(covariance).float()
+            else:
+                centroids, stds = _kmeans_with_spread(rows, self.num_centroids)
+                self.centroids[label] = centroids.float()
+                self.scales[label] = stds.float()
+
+    def class_means(self, classes: list[int], device: Any = "cpu") -> Tensor:
+        return torch.stack([self.means[c] for c in classes]).to(device)
+
+    def sample(
+        self, classes: list[int], per_class: int, *, device: Any = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``per_class`` samples of every class in ``classes``: features [n, D], labels [n]."""
+        missing = [c for c in classes if c not in self.means]
+        if missing:
+            raise KeyError(f"no statistics for classes {missing}")
+        labels = torch.tensor(classes).repeat_interleave(per_class)
+        noise = torch.randn(len(classes), per_class, self.dim, generator=generator)
+        if self.mode == "covariance":
+            means = torch.stack([self.means[c] for c in classes])  # [C, D]
+            factors = torch.stack([self.scales[c] for c in classes])  # [C, D, D]
+            samples = means[:, None] + noise @ factors.transpose(1, 2)
+        else:
+            centroids = torch.stack([self.centroids[c] for c in classes])  # [C, k, D]
+            stds = torch.stack([self.scales[c] for c in classes])
+            pick = torch.randint(centroids.shape[1], (len(classes), per_class), generator=generator)
+            chosen = torch.gather(centroids, 1, pick[..., None].expand(-1, -1, self.dim))
+            spread = torch.gather(stds, 1, pick[..., None].expand(-1, -1, self.dim))
+            samples = chosen + noise * spread
+        return samples.reshape(-1, self.dim).to(device), labels.to(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "dim": self.dim, "shrinkage": self.shrinkage,
+                "num_centroids": self.num_centroids, "means": self.means,
+                "scales": self.scales, "centroids": self.centroids}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["mode"] != self.mode or state["dim"] != self.dim:
+            raise RuntimeError(
+                f"class statistics of mode {state['mode']} / dim {state['dim']} do not match "
+                f"{self.mode} / {self.dim}"
+            )
+        self.means, self.scales = dict(state["means"]), dict(state["scales"])
+        self.centroids = dict(state["centroids"])
+
+
+def _kmeans_with_spread(rows: Tensor, k: int, iterations: int = 20) -> tuple[Tensor, Tensor]:
+    """k-means (deterministic init: evenly spaced rows) -> centroids [k, D], stds [k, D]."""
+    k = min(k, len(rows))
+    centroids = rows[torch.linspace(0, len(rows) - 1, k).long()].clone()
+    for _ in range(iterations):
+        assignment = torch.cdist(rows, centroids).argmin(1)
+        for j in range(k):
+            members = rows[assignment == j]
+            if len(members):
+                centroids[j] = members.mean(0)
+    assignment = torch.cdist(rows, centroids).argmin(1)
+    stds = torch.stack([
+        rows[assignment == j].std(0, unbiased=False) if (assignment == j).sum() > 1
+        else torch.zeros(rows.shape[1], dtype=rows.dtype)
+        for j in range(k)
+    ])
+    return centroids, stds
+
+
+@torch.no_grad()
+def extract_features(
+    feature_fn: Callable[[Tensor], Tensor | tuple[Tensor, ...]],
+    dataset: Any,
+    *,
+    batch_size: int,
+    device: Any,
+    num_workers: int = 0,
+) -> tuple[Tensor | tuple[Tensor, ...], Tensor]:
+    """Run ``feature_fn`` over a dataset (in order, no shuffling): features, labels.
+
+    ``feature_fn`` may return several feature tensors per batch (e.g. the query and the
+    prompted feature from one pass over the data); they come back as a tuple.
+    """
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers)
+    outputs: list[Any] = []
+    labels = []
+    for batch in loader:
+        x, y = batch[0].to(device), batch[1]
+        result = feature_fn(x)
+        outputs.append(tuple(t.cpu() for t in result) if isinstance(result, tuple) else result.cpu())
+        labels.append(y.cpu())
+    if outputs and isinstance(outputs[0], tuple):
+        features: Any = tuple(torch.cat(parts) for parts in zip(*outputs))
+    else:
+        features = torch.cat(outputs)
+    return features, torch.cat(labels)
+
+
+def train_on_samples(
+    module: nn.Module,
+    statistics: ClassStatistics,
+    classes: list[int],
+    *,
+    epochs: int,
+    samples_per_class: int,
+    lr: float,
+    batch_size: int = 128,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    device: Any = "cpu",
+    logits_fn: Callable[[Tensor], Tensor] | None = None,
+    allowed: Tensor | None = None,
+) -> None:
+    """(Re)train ``module`` on Gaussian samples of ``classes``: SGD with momentum, cosine.
+
+    The recipe HiDe-Prompt uses for its task-adaptive head and its task-identity
+    alignment; fresh samples every epoch. ``allowed`` (bool [num_classes]) masks the
+    logits to the seen classes.
+    """
+    forward = logits_fn or module
+    parameters = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    module.train()
+    for _ in range(epochs):
+        features, labels = statistics.sample(classes, samples_per_class, device=device)
+        order = torch.randperm(len(labels), device=device)
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            logits = forward(features[batch])
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+            loss = F.cross_entropy(logits, labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+    module.eval()
