@@ -61,6 +61,112 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="print a run's accuracy matrix and metrics",
                                description="Print the accuracy matrix and the metrics of one run.")
     show.add_argument("run_dir", type=Path)
+
+    fetch = commands.add_parser(
+        "download", help="download (and verify) the data a scenario needs",
+        description="Download, checksum and extract a scenario's data into the data root. "
+        "Licensed data (tacred) is never downloaded: the command says where to put it.",
+    )
+    fetch.add_argument("name", help="registered scenario name (see `clbench list scenarios`)")
+    fetch.add_argument("--data-root", type=Path, help="where data sets live (also $CLBENCH_DATA)")
+    fetch.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="scenario option, e.g. url=... for a mirror (repeatable)")
+
+    # table / plot / report read run folders only; their modules (pandas, matplotlib) are
+    # imported by the command functions, so neither `clbench --help` nor they load torch.
+    selection = argparse.ArgumentParser(add_help=False)
+    which = selection.add_argument_group(
+        "which runs and rows (NAMES: comma list or repeated option; shell patterns like l2p*)")
+    for key, what in (("scenario", "scenario names"), ("strategy", "strategy names"),
+                      ("backbone", "backbone names"), ("seed", "seeds"),
+                      ("protocol", "protocol versions")):
+        which.add_argument(f"--{key}", action="append", default=[], metavar="NAMES",
+                           help=f"only runs with these {what}")
+    which.add_argument("--group-by", default="scenario,backbone,strategy", metavar="KEYS",
+                       help="keys of a row, from scenario,backbone,strategy (default: all three); "
+                       "runs with other options or protocol versions always get rows of their own")
+    which.add_argument("--ddof", type=int, default=1, metavar="0|1",
+                       help="std over seeds: 1 = sample std (default), 0 = population std")
+    results_help = "results folders or run folders (default: ./results or $CLBENCH_RESULTS)"
+
+    table = commands.add_parser(
+        "table", parents=[selection], help="accuracy / forgetting table, mean ± std over seeds",
+        description="One row per (scenario, backbone, strategy): FAA, CAA, FFM and, for relation\n"
+        "extraction, the seen-class accuracy, as mean ± std over seeds with the number of\n"
+        "seeds; best value per scenario in bold. Only complete runs are averaged: running,\n"
+        "interrupted, failed and repeated-seed runs are counted in a 'not averaged' column.",
+        epilog="examples:\n  clbench table results/\n"
+        "  clbench table results/ --scenario fewrel-offline --reference\n"
+        "  clbench table results/ --format latex --per-task -o table.tex\n"
+        "  clbench table results/ --sort faa --descending --metrics faa,ffm --format csv",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    table.add_argument("results", nargs="*", type=Path, metavar="RESULTS_DIR", help=results_help)
+    table.add_argument("-f", "--format", default="markdown",
+                       help="markdown (default), latex (booktabs), json, or csv (one table: the "
+                       "summary, or the one table asked for beside it)")
+    table.add_argument("-o", "--output", type=Path, metavar="FILE",
+                       help="write to FILE instead of standard output")
+    table.add_argument("--metrics", metavar="LIST",
+                       help="columns among faa,caa,ffm,seen (default: faa,caa,ffm, and seen when "
+                       "a relation extraction scenario is in the table)")
+    table.add_argument("--sort", metavar="COLUMN",
+                       help="order rows within a scenario by a metric (faa, caa, ffm, seen), "
+                       "seeds, or a key (default: by scenario, backbone, strategy)")
+    table.add_argument("--descending", action="store_true", help="sort in descending order")
+    table.add_argument("--precision", type=int, default=2, help="decimals shown (default 2)")
+    table.add_argument("--per-task", action="store_true",
+                       help="add a table of the accuracy after each task")
+    table.add_argument("--per-task-metric", default="auto", metavar="auto|average|seen",
+                       help="accuracy after each task: average over seen tasks, or seen-class "
+                       "accuracy (auto: seen for relation extraction, else average)")
+    table.add_argument("--reference", action="store_true",
+                       help="add the papers' published numbers beside ours, with the difference "
+                       "and where the protocols differ")
+    table.add_argument("--reference-dir", type=Path, metavar="DIR",
+                       help="published numbers (*.csv; default: results/reference)")
+    table.add_argument("--include-incomplete", action="store_true",
+                       help="also list every run that is not averaged, with its progress")
+
+    plot = commands.add_parser(
+        "plot", parents=[selection], help="heatmaps, accuracy curves and forgetting bars",
+        description="Figures of complete runs: the accuracy matrix A[t, i] as a heatmap (one per\n"
+        "table row, mean over seeds), the accuracy after each task of every strategy on one\n"
+        "figure (mean, band = ± std over seeds), and forgetting per task.",
+        epilog="examples:\n  clbench plot results/ --out figures/\n"
+        "  clbench plot results/ --kind curves,forgetting --format png,pdf --scenario fewrel*",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plot.add_argument("results", nargs="*", type=Path, metavar="RESULTS_DIR", help=results_help)
+    plot.add_argument("--kind", action="append", default=[], metavar="KINDS",
+                      help="heatmap, curves, forgetting or all (comma list; default all)")
+    plot.add_argument("--out", type=Path, default=Path("plots"), metavar="DIR",
+                      help="folder for the figures (default: ./plots)")
+    plot.add_argument("-f", "--format", default="png", metavar="FORMATS",
+                      help="png, pdf, svg (comma list; default png)")
+    plot.add_argument("--per-task-metric", default="auto", metavar="auto|average|seen",
+                      help="y axis of the curves (auto: seen-class accuracy for relation "
+                      "extraction, else average accuracy on seen tasks)")
+    plot.add_argument("--dpi", type=int, default=150, help="resolution of PNG files")
+
+    report = commands.add_parser(
+        "report", parents=[selection], help="one HTML (or Markdown) page of tables and figures",
+        description="A page to share: the summary and per-task tables, the published numbers\n"
+        "beside ours, the runs not averaged, and the figures. HTML is one self-contained file\n"
+        "(figures embedded); Markdown is a folder with report.md and PNG files.",
+        epilog="examples:\n  clbench report results/ --out report.html\n"
+        "  clbench report results/ --format markdown --out report/",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("results", nargs="*", type=Path, metavar="RESULTS_DIR", help=results_help)
+    report.add_argument("-o", "--out", type=Path, metavar="PATH",
+                        help="HTML file (default report.html) or Markdown folder (default report/)")
+    report.add_argument("-f", "--format", default="html", help="html (default) or markdown")
+    report.add_argument("--title", help="page title (default: names the results folders)")
+    report.add_argument("--reference-dir", type=Path, metavar="DIR",
+                        help="published numbers (*.csv; default: results/reference)")
+    report.add_argument("--no-reference", action="store_true",
+                        help="leave out the published numbers")
     return parser
 
 
@@ -78,6 +184,10 @@ def command_list(args: argparse.Namespace) -> int:
             note = ""
             if title == "scenarios" and getattr(entry.target, "default_backbone", None):
                 note = f" [default backbone: {entry.target.default_backbone}]"
+            if title == "scenarios":
+                from clbench.download import data_marker
+
+                note += data_marker(entry.name, entry.target)
             if title == "strategies" and entry.target.presets:
                 note = f" [presets: {', '.join(sorted(entry.target.presets))}]"
             print(f"  {entry.name:<20} {entry.description}{note}")
@@ -141,10 +251,103 @@ def command_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_download(args: argparse.Namespace) -> int:
+    from clbench.config import apply_overrides, parse_set_arguments
+    from clbench.download import print_progress
+    from clbench.registry import SCENARIOS
+    from clbench.runner import options_class
+    from clbench.scenario import default_data_root
+
+    if args.data_root is not None:
+        os.environ["CLBENCH_DATA"] = str(args.data_root)
+    data_root = default_data_root()
+    factory = SCENARIOS.get(args.name)
+    fetch = getattr(factory, "download", None)
+    if fetch is None:
+        print(f"{args.name}: nothing to download (its data ships with clbench or a package)")
+        return 0
+    # `--set url=...` and `--set scenario.url=...` both address the scenario
+    grouped = parse_set_arguments(args.overrides)
+    overrides = {**grouped["strategy"], **grouped["scenario"]}
+    options = apply_overrides(options_class(factory)(), overrides, what=f"scenario {args.name}")
+    location = fetch(options, data_root, log=print, progress=print_progress())
+    print(f"{args.name}: data ready in {location}")
+    return 0
+
+
+def _names(values: list[str] | None) -> list[str]:
+    """``--x a,b --x c`` -> [a, b, c]."""
+    items = (item.strip() for value in values or [] if value for item in value.split(","))
+    return [item for item in items if item]
+
+
+def _selection(args: argparse.Namespace) -> tuple[list[Path], dict[str, list[str]]]:
+    paths = args.results or [Path(os.environ.get("CLBENCH_RESULTS", "results"))]
+    keys = ("scenario", "strategy", "backbone", "seed", "protocol")
+    return paths, {key: _names(getattr(args, key)) for key in keys}
+
+
+def command_table(args: argparse.Namespace) -> int:
+    from clbench.tables import FORMATS, TableOptions, TableRequest, build_tables, render
+
+    if args.format not in FORMATS:
+        raise UsageError(f"unknown format {args.format!r}; valid formats: {', '.join(FORMATS)}")
+    paths, filters = _selection(args)
+    options = TableOptions(
+        group_by=tuple(_names([args.group_by])), metrics=tuple(_names([args.metrics])) or None,
+        sort=args.sort, descending=args.descending, precision=args.precision, ddof=args.ddof,
+    )
+    text = render(build_tables(TableRequest(
+        paths=paths, filters=filters, options=options, per_task=args.per_task,
+        per_task_metric=args.per_task_metric, reference=args.reference,
+        reference_dir=args.reference_dir, include_incomplete=args.include_incomplete,
+    )), args.format)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def command_plot(args: argparse.Namespace) -> int:
+    from clbench.plots import KINDS, PlotRequest, make_plots
+    from clbench.tables import TableOptions
+
+    paths, filters = _selection(args)
+    kinds = _names(args.kind) or ["all"]
+    request = PlotRequest(
+        paths=paths, out_dir=args.out, filters=filters,
+        kinds=KINDS if "all" in kinds else tuple(kinds), formats=tuple(_names([args.format])),
+        options=TableOptions(group_by=tuple(_names([args.group_by])), ddof=args.ddof),
+        per_task_metric=args.per_task_metric, dpi=args.dpi,
+    )
+    for path in make_plots(request):
+        print(path)
+    return 0
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from clbench.report import ReportRequest, write_report
+    from clbench.tables import TableOptions
+
+    paths, filters = _selection(args)
+    written = write_report(ReportRequest(
+        paths=paths, out=args.out, fmt=args.format, filters=filters,
+        options=TableOptions(group_by=tuple(_names([args.group_by])), ddof=args.ddof),
+        reference=not args.no_reference, reference_dir=args.reference_dir, title=args.title,
+    ))
+    print(f"wrote {written}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handlers = {"list": command_list, "run": command_run, "show": command_show}
+    handlers = {"list": command_list, "run": command_run, "show": command_show,
+                "download": command_download}
+    handlers.update(table=command_table, plot=command_plot, report=command_report)
     try:
         return handlers[args.command](args)
     except UsageError as error:

@@ -1,8 +1,10 @@
-"""Relation extraction in the FewRel JSON format, and the offline FewRel scenario.
+"""Relation extraction in the FewRel JSON format: the FewRel scenarios and shared pieces.
 
 The shared pieces (loading, the RP-CRE / CRL per-relation split, entity-marked encoding
-with an on-disk cache, the scenario builder) are meant for every FewRel-format scenario;
-``fewrel-offline`` is the 16-relation val_wiki file that ships in ``../shared/data``.
+with an on-disk cache, the scenario builder) serve every FewRel-format scenario (TACRED's
+in ``tacred.py`` too). ``fewrel-offline`` is the 16-relation val_wiki file that ships in
+``../shared/data``; ``fewrel`` is the full 80-relation protocol of RP-CRE / CRL
+(train_wiki + val_wiki, downloaded from the FewRel repository and md5-checked).
 
 FewRel JSON: ``{relation_id: [{"tokens": [...], "h": [name, wikidata_id, [[idx, ...]]],
 "t": [...]}, ...]}``; an entity may have several mentions, we mark the first.
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from clbench.config import Options, option
+from clbench.download import DataStatus, Resource, download, is_verified
 from clbench.errors import DataNotFoundError, UsageError
 from clbench.registry import SCENARIOS
 from clbench.scenario import (
@@ -411,16 +414,20 @@ def build_relation_scenario(
     source_digest: str,
     relation_names: Mapping[str, str] | None = None,
     details: Mapping[str, Any] | None = None,
+    splits: RelationSplits | None = None,
 ) -> Scenario:
     """A class-incremental relation-extraction scenario from FewRel-format data.
 
     Class id = index of the relation in sorted id order; the stream visits relations in
     ``seeded_class_order(num_relations, seed)``. The validation split is kept aside in
-    ``details["validation"]``.
+    ``details["validation"]``. ``splits`` replaces the RP-CRE / CRL cut for protocols
+    that split otherwise (TACRED); ``n_train`` / ``n_val`` / ``n_test`` then only describe
+    it (as the largest per-relation counts).
     """
     require_text_encoder(encoder, name)
     relations = sorted(data)
-    splits = split_relation_examples(data, seed, n_train, n_val, n_test)
+    if splits is None:
+        splits = split_relation_examples(data, seed, n_train, n_val, n_test)
     # Encode the whole file in a fixed order (independent of the seed) so one cache
     # serves every seed; the split then only picks rows.
     offsets, examples = {}, []
@@ -518,3 +525,270 @@ def fewrel_offline(options: FewRelOfflineOptions, encoder: Any, seed: int) -> Sc
 
 
 fewrel_offline.default_backbone = "minilm-l6"
+
+
+def fewrel_offline_data_status(options: FewRelOfflineOptions, data_root: Path) -> DataStatus:
+    candidates = (
+        [Path(options.data_file).expanduser()]
+        if options.data_file
+        else [Path(data_root) / "fewrel" / "val_wiki.json", *default_fewrel_candidates()[1:]]
+    )
+    found = next((path for path in candidates if path.is_file()), candidates[0])
+    return DataStatus(found.is_file(), found, FEWREL_HOW_TO_GET)
+
+
+def fetch_fewrel_offline(
+    options: FewRelOfflineOptions, data_root: Path, log: Any = None, progress: Any = None
+) -> Path:
+    """val_wiki.json (and pid2name.json) into ``<data_root>/fewrel`` unless found already."""
+    status = fewrel_offline_data_status(options, data_root)
+    if status.present:
+        return status.location
+    folder = Path(data_root) / "fewrel"
+    download(fewrel_resource("pid2name.json"), folder, log=log, progress=progress)
+    return download(fewrel_resource("val_wiki.json"), folder, log=log, progress=progress)
+
+
+fewrel_offline.data_status = fewrel_offline_data_status
+fewrel_offline.download = fetch_fewrel_offline
+
+
+# ------------------------------------------------------------------------ full FewRel
+
+FEWREL_BASE_URL = "https://raw.githubusercontent.com/thunlp/FewRel/master/data"
+# md5s published for these files by dataset loaders (datamaestro, among others); those of
+# val_wiki.json and pid2name.json match the copies in ../shared/data/fewrel.
+FEWREL_MD5 = {
+    "train_wiki.json": "5e663e9c3f1bfbdb2de72696e9504fd7",
+    "val_wiki.json": "3f25573428c0332cb64b367a275ab0c7",
+    "pid2name.json": "0fe4c5a197c83668d1c7ef255cba5474",
+}
+FEWREL_FULL_FILES = ("train_wiki.json", "val_wiki.json")  # 64 + 16 = 80 relations
+FEWREL_RELATIONS = 80
+# RP-CRE / CRL report the mean over these five seeds; pass them as `clbench run --seed`.
+PAPER_SEEDS = (2021, 2121, 2221, 2321, 2421)
+PROTOCOL_PER_RELATION = (420, 140, 140)  # train / validation / test
+PROTOCOL_EXPERIENCES = 10
+MAX_AUTO_EXPERIENCES = 10
+
+
+def fewrel_resource(filename: str, base_url: str = FEWREL_BASE_URL) -> Resource:
+    return Resource(filename, f"{base_url.rstrip('/')}/{filename}", md5=FEWREL_MD5[filename])
+
+
+def fewrel_candidates(filename: str, data_root: Path) -> list[Path]:
+    """Where a FewRel file is looked for: the data root, then the copy beside the repository."""
+    return [
+        Path(data_root) / "fewrel" / filename,
+        REPO_ROOT.parent / "shared" / "data" / "fewrel" / filename,
+    ]
+
+
+def locate_fewrel_file(
+    filename: str,
+    data_root: Path,
+    *,
+    base_url: str = FEWREL_BASE_URL,
+    download_missing: bool,
+    log: Any = None,
+    progress: Any = None,
+) -> Path:
+    """A verified copy of one published FewRel file, downloaded when missing and allowed."""
+    resource = fewrel_resource(filename, base_url)
+    candidates = fewrel_candidates(filename, data_root)
+    for path in candidates:
+        if path.is_file():
+            if not is_verified(path, resource):
+                raise DataNotFoundError(
+                    f"{path} is not the published FewRel {filename} (its md5 is not "
+                    f"{resource.md5}); delete it and run `clbench download fewrel`, or use it "
+                    "as it is with --set scenario.data_file=PATH"
+                )
+            return path
+    if not download_missing:
+        raise DataNotFoundError(
+            f"FewRel file {filename} not found (looked in: "
+            f"{', '.join(str(p) for p in candidates)}); run `clbench download fewrel` (MIT "
+            f"license; it fetches {resource.url}), or put the file in "
+            f"{candidates[0].parent}, or pass --set scenario.data_file=PATH"
+        )
+    return download(resource, candidates[0].parent, log=log, progress=progress)
+
+
+@dataclass
+class FewRelOptions(Options):
+    data_file: str | None = option(
+        None,
+        "a FewRel-format JSON to use instead of train_wiki + val_wiki (e.g. a FewRel 2.0 "
+        "domain set); tasks and per-relation counts are then sized to fit",
+    )
+    num_experiences: int | None = option(
+        None,
+        "number of tasks; default 10 when it divides the relations (80 -> 10 x 8), else the "
+        "largest count <= 10 that leaves >= 2 relations per task",
+    )
+    max_length: int = option(256, "tokens per sentence, [CLS]/[SEP]/markers included")
+    n_train: int | None = option(
+        None, "training sentences per relation (default 420, or 60% of the smallest relation)"
+    )
+    n_val: int | None = option(
+        None, "validation sentences per relation, kept aside (default 140, or 20%)"
+    )
+    n_test: int | None = option(None, "test sentences per relation (default 140, or 20%)")
+    download: bool = option(True, "download missing FewRel files into the data root")
+    base_url: str = option(FEWREL_BASE_URL, "where train_wiki.json etc. are downloaded from")
+
+
+def fit_task_count(num_relations: int, requested: int | None, scenario: str) -> int:
+    """The requested task count if it divides the relations, else the automatic one."""
+    if requested is not None:
+        if requested < 1 or num_relations % requested:
+            raise UsageError(
+                f"scenario {scenario}: cannot split {num_relations} relations into {requested} "
+                f"equal tasks (num_experiences must divide {num_relations})"
+            )
+        return requested
+    for count in range(MAX_AUTO_EXPERIENCES, 1, -1):
+        if num_relations % count == 0 and num_relations // count >= 2:
+            return count
+    raise UsageError(
+        f"scenario {scenario}: {num_relations} relations split into no task count between 2 "
+        f"and {MAX_AUTO_EXPERIENCES} with >= 2 relations per task; set "
+        "scenario.num_experiences"
+    )
+
+
+def fit_per_relation(
+    data: Mapping[str, Sequence[dict]], n_train: int | None, n_val: int | None, n_test: int | None
+) -> tuple[int, int, int]:
+    """Given counts, else 420 / 140 / 140 when every relation has 700, else 60/20/20 %."""
+    smallest = min(len(examples) for examples in data.values())
+    if smallest >= sum(PROTOCOL_PER_RELATION):
+        auto = PROTOCOL_PER_RELATION
+    else:  # e.g. FewRel 2.0's val_pubmed: 100 per relation -> 60 / 20 / 20
+        held_out = smallest // 5
+        auto = (smallest - 2 * held_out, held_out, held_out)
+    given = (n_train, n_val, n_test)
+    return tuple(a if g is None else g for g, a in zip(given, auto))  # type: ignore[return-value]
+
+
+def merge_relation_files(paths: Sequence[Path]) -> dict[str, list[dict]]:
+    merged: dict[str, list[dict]] = {}
+    for path in paths:
+        data = load_fewrel_json(path)
+        repeated = sorted(set(data) & set(merged))
+        if repeated:
+            raise UsageError(f"{path} repeats relations of another file: {', '.join(repeated)}")
+        merged.update(data)
+    return merged
+
+
+def fewrel_data_status(options: FewRelOptions, data_root: Path) -> DataStatus:
+    if options.data_file:
+        path = Path(options.data_file).expanduser()
+        return DataStatus(path.is_file(), path, FEWREL_HOW_TO_GET)
+    found = [
+        next((p for p in fewrel_candidates(name, data_root) if p.is_file()), None)
+        for name in FEWREL_FULL_FILES
+    ]
+    location = Path(data_root) / "fewrel"
+    how = "run `clbench download fewrel` (MIT license, from github.com/thunlp/FewRel)"
+    return DataStatus(all(found), location, how)
+
+
+def fetch_fewrel(
+    options: FewRelOptions, data_root: Path, log: Any = None, progress: Any = None
+) -> Path:
+    """train_wiki.json, val_wiki.json and pid2name.json, each verified; returns the folder."""
+    for filename in (*FEWREL_FULL_FILES, "pid2name.json"):
+        locate_fewrel_file(
+            filename,
+            data_root,
+            base_url=options.base_url,
+            download_missing=True,
+            log=log,
+            progress=progress,
+        )
+    return Path(data_root) / "fewrel"
+
+
+def _relation_names_for(data_files: Sequence[Path], options: FewRelOptions) -> Path | None:
+    """pid2name.json beside the data, else the verified (or downloaded) published one."""
+    beside = data_files[0].parent / "pid2name.json"
+    if beside.is_file():
+        return beside
+    try:
+        return locate_fewrel_file(
+            "pid2name.json",
+            default_data_root(),
+            base_url=options.base_url,
+            download_missing=options.download,
+        )
+    except DataNotFoundError as error:  # names only: relations keep their ids
+        warnings.warn(f"relation names unavailable ({error}); using relation ids", stacklevel=3)
+        return None
+
+
+def check_fewrel_options(options: FewRelOptions) -> None:
+    """The checks that need no data: run first, so bad options cost nothing."""
+    if options.data_file is None:  # the 80 relations are known
+        fit_task_count(FEWREL_RELATIONS, options.num_experiences, "fewrel")
+    elif options.num_experiences is not None and options.num_experiences < 1:
+        raise UsageError(f"num_experiences must be at least 1 (got {options.num_experiences})")
+    if options.max_length < 8:
+        raise UsageError(f"max_length must be at least 8 (got {options.max_length})")
+
+
+@SCENARIOS.register(
+    "fewrel",
+    "FewRel train_wiki + val_wiki (80 relations, MIT), RP-CRE/CRL protocol: 10 tasks x 8 "
+    "relations, 420/140/140 per relation; paper seeds 2021 2121 2221 2321 2421 (--seed)",
+)
+def fewrel(options: FewRelOptions, encoder: Any, seed: int) -> Scenario:
+    check_fewrel_options(options)
+    require_text_encoder(encoder, "fewrel")
+    if options.data_file is not None:
+        data_files = [
+            find_data_file(options.data_file, [], "FewRel-format data file", FEWREL_HOW_TO_GET)
+        ]
+    else:
+        data_files = [
+            locate_fewrel_file(
+                name,
+                default_data_root(),
+                base_url=options.base_url,
+                download_missing=options.download,
+            )
+            for name in FEWREL_FULL_FILES
+        ]
+    data = merge_relation_files(data_files)
+    num_experiences = fit_task_count(len(data), options.num_experiences, "fewrel")
+    n_train, n_val, n_test = fit_per_relation(data, options.n_train, options.n_val, options.n_test)
+    names_file = _relation_names_for(data_files, options)
+    source_digest = hashlib.sha256(
+        "\n".join(file_sha256(path) for path in data_files).encode()
+    ).hexdigest()
+    return build_relation_scenario(
+        "fewrel",
+        data,
+        encoder,
+        seed,
+        num_experiences=num_experiences,
+        max_length=options.max_length,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        source_digest=source_digest,
+        relation_names=load_relation_names(names_file) if names_file is not None else None,
+        details={
+            "data_files": [str(path) for path in data_files],
+            "relation_names_file": str(names_file) if names_file is not None else None,
+            "paper_seeds": list(PAPER_SEEDS),
+        },
+    )
+
+
+fewrel.default_backbone = "bert-base-uncased"
+fewrel.data_status = fewrel_data_status
+fewrel.download = fetch_fewrel
+fewrel.check_options = check_fewrel_options

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from clbench.errors import DataNotFoundError, UsageError
 from clbench.scenarios import relation_extraction as rex
 from clbench.scenarios.offline_vision import DigitsOptions, digits_offline
 from clbench.scenarios.relation_extraction import (
@@ -17,8 +19,6 @@ from clbench.scenarios.relation_extraction import (
     load_relation_names,
     split_relation_examples,
 )
-
-from clbench.errors import DataNotFoundError, UsageError
 
 FEWREL_FILE = Path(__file__).resolve().parents[1].parent / "shared/data/fewrel/val_wiki.json"
 needs_fewrel = pytest.mark.skipif(

@@ -1,0 +1,419 @@
+"""Downloading, verifying and extracting data sets into the data root.
+
+Every file we fetch is a :class:`Resource`: a URL, the file name it gets on disk and a
+checksum that was published or cross-checked elsewhere. The rules (DESIGN.md: "real data
+is downloaded or read from a data root with checksums"):
+
+* a download streams into a temporary file *in the target folder* and becomes visible
+  only by an atomic rename after its checksum matched, so a killed or corrupt download
+  never leaves a file that a later run would take for the real one;
+* a dropped connection is retried a few times with exponential back-off, resuming with an
+  HTTP ``Range`` request when the server allows it (ImageNet-R is 2 GB);
+* a file already present and verified is not downloaded again; the verification is
+  remembered in a small ``<file>.verified`` note (size, mtime, checksum), so a run does not
+  re-hash 2 GB every time it starts;
+* archives are extracted into a temporary folder beside the target, with every member
+  checked (no absolute paths, no ``..``, no links or devices), then renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import shutil
+import sys
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from clbench.errors import DataNotFoundError
+
+# Bounded: three retries with 1 s, 2 s, 4 s pauses, then a clean failure. Tests pass a
+# tiny back-off instead of waiting.
+DEFAULT_RETRIES = 3
+DEFAULT_BACKOFF_S = 1.0
+DEFAULT_TIMEOUT_S = 60.0
+CHUNK_BYTES = 1 << 20
+USER_AGENT = "clbench-data-download/1"
+
+ProgressCallback = Callable[[int, "int | None"], None]
+
+
+class DownloadError(DataNotFoundError):
+    """A download failed for good (after the retries): the message names the URL."""
+
+
+class ChecksumMismatchError(DownloadError):
+    """The bytes arrived but are not the published file; nothing was kept."""
+
+
+class UnsafeArchiveError(DataNotFoundError):
+    """An archive member would land outside the target folder, or is a link or device."""
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One file to fetch. At least one checksum is required: we never keep unverified data."""
+
+    filename: str
+    url: str
+    md5: str | None = None
+    sha256: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.md5 or self.sha256):
+            raise ValueError(f"resource {self.filename} has no checksum (md5 or sha256)")
+        if "/" in self.filename or self.filename in ("", ".", ".."):
+            raise ValueError(f"resource file name {self.filename!r} must be a plain name")
+
+    @property
+    def checksum(self) -> tuple[str, str]:
+        """(algorithm, expected hex digest); sha256 preferred when both are known."""
+        if self.sha256:
+            return "sha256", self.sha256.lower()
+        assert self.md5 is not None
+        return "md5", self.md5.lower()
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    digest = hashlib.new(algorithm)
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK_BYTES), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------ verification notes
+
+
+def _note_path(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def _write_note(path: Path, algorithm: str, digest: str) -> None:
+    """Remember a verification; only a shortcut, so a read-only folder just goes without."""
+    stat = path.stat()
+    note = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, algorithm: digest}
+    tmp = _note_path(path).with_name(f".{path.name}.verified.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(note))
+        os.replace(tmp, _note_path(path))
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _note_matches(path: Path, algorithm: str, digest: str) -> bool:
+    """True when the note says this very file (same size and mtime) had this checksum."""
+    try:
+        note = json.loads(_note_path(path).read_text())
+        stat = path.stat()
+    except (OSError, ValueError):
+        return False
+    return (
+        note.get("size") == stat.st_size
+        and note.get("mtime_ns") == stat.st_mtime_ns
+        and note.get(algorithm) == digest
+    )
+
+
+def is_verified(path: Path, resource: Resource, *, rehash: bool = False) -> bool:
+    """Whether ``path`` is the resource's file (checked by its note, or by hashing it)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    algorithm, expected = resource.checksum
+    if not rehash and _note_matches(path, algorithm, expected):
+        return True
+    if file_digest(path, algorithm) != expected:
+        return False
+    _write_note(path, algorithm, expected)
+    return True
+
+
+# ----------------------------------------------------------------------------- download
+
+
+def download(
+    resource: Resource,
+    folder: Path,
+    *,
+    retries: int = DEFAULT_RETRIES,
+    backoff_s: float = DEFAULT_BACKOFF_S,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    progress: ProgressCallback | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """``folder/resource.filename``, downloaded and verified unless already there.
+
+    A present file that fails verification is re-downloaded (it was corrupt or stale);
+    a failed download raises :class:`DownloadError` / :class:`ChecksumMismatchError` and
+    leaves nothing behind in ``folder``.
+    """
+    folder = Path(folder)
+    target = folder / resource.filename
+    if is_verified(target, resource):
+        return target
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda message: print(message, file=sys.stderr))
+    if target.exists():
+        say(f"{target} does not match its checksum: downloading it again")
+    say(f"downloading {resource.url} -> {target}")
+    if progress is None:  # a 2 GB download should not look like a hang
+        progress = print_progress()
+    part = folder / f".{resource.filename}.{os.getpid()}.part"
+    algorithm, expected = resource.checksum
+    try:
+        failures = _fetch_with_retries(
+            resource.url, part, retries, backoff_s, timeout_s, progress, say
+        )
+        if failures is not None:
+            raise DownloadError(
+                f"could not download {resource.url} ({len(failures)} attempts: "
+                f"{'; '.join(dict.fromkeys(failures))}). Without internet access, fetch the "
+                f"file elsewhere and put it at {target} (it must have {algorithm} {expected})"
+            )
+        actual = file_digest(part, algorithm)
+        if actual != expected:
+            raise ChecksumMismatchError(
+                f"{resource.url} downloaded, but its {algorithm} is {actual}, expected "
+                f"{expected}: the file was corrupted on the way or changed at the source; "
+                f"nothing was kept in {folder}. Try again, or fetch {resource.filename} "
+                f"by hand and put it there"
+            )
+        os.replace(part, target)
+        _note_path(target).unlink(missing_ok=True)
+        _write_note(target, algorithm, expected)
+        return target
+    finally:
+        part.unlink(missing_ok=True)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()  # leave no trace of a failed first download
+
+
+def _fetch_with_retries(
+    url: str,
+    part: Path,
+    retries: int,
+    backoff_s: float,
+    timeout_s: float,
+    progress: ProgressCallback | None,
+    say: Callable[[str], None],
+) -> list[str] | None:
+    """None once ``part`` holds the whole body; else the reason of every failed attempt."""
+    part.unlink(missing_ok=True)
+    failures: list[str] = []
+    for attempt in range(retries + 1):
+        try:
+            _fetch_once(url, part, timeout_s, progress)
+            return None
+        except urllib.error.HTTPError as error:
+            failures.append(f"HTTP {error.code} {error.reason}")
+            if error.code == 416:  # our partial file is not a prefix it can resume: restart
+                part.unlink(missing_ok=True)
+            elif error.code < 500:  # 404, 403: asking again will not help; 5xx might
+                break
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+            reason = getattr(error, "reason", None) or error
+            failures.append(f"{type(error).__name__}: {reason}")
+        if attempt < retries:
+            pause = backoff_s * 2**attempt
+            say(f"  download interrupted ({failures[-1]}); retrying in {pause:g}s")
+            time.sleep(pause)
+    part.unlink(missing_ok=True)
+    return failures
+
+
+class IncompleteDownload(OSError):
+    """The connection closed before Content-Length bytes arrived (retryable)."""
+
+
+def _fetch_once(url: str, part: Path, timeout_s: float, progress: ProgressCallback | None) -> None:
+    """Append to ``part`` from where it stops (``Range``), or restart when refused."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+    if have:
+        request.add_header("Range", f"bytes={have}-")
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        resumed = have > 0 and response.status == 206
+        if not resumed:
+            have = 0  # the server sent the whole file: start over
+        length = response.headers.get("Content-Length")
+        expected_total = have + int(length) if length is not None else None
+        received = have
+        with part.open("ab" if resumed else "wb") as sink:
+            while chunk := response.read(CHUNK_BYTES):
+                sink.write(chunk)
+                received += len(chunk)
+                if progress is not None:
+                    progress(received, expected_total)
+    # urllib returns a short body without complaint when the peer closes early
+    if expected_total is not None and received < expected_total:
+        raise IncompleteDownload(f"connection closed after {received} of {expected_total} bytes")
+
+
+def print_progress(prefix: str = "  ") -> ProgressCallback:
+    """A progress callback that prints a line every 10 % (or every 50 MB if size unknown)."""
+    state = {"next": 0.0}
+
+    def report(received: int, total: int | None) -> None:
+        if total:
+            fraction = received / total
+            if fraction >= state["next"] or received == total:
+                print(
+                    f"{prefix}{received / 2**20:8.1f} / {total / 2**20:.1f} MB "
+                    f"({100 * fraction:3.0f}%)",
+                    file=sys.stderr,
+                )
+                state["next"] = fraction + 0.1
+        elif received >= state["next"]:
+            print(f"{prefix}{received / 2**20:8.1f} MB", file=sys.stderr)
+            state["next"] = received + 50 * 2**20
+
+    return report
+
+
+# ---------------------------------------------------------------------------- extraction
+
+
+def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
+    name = PurePosixPath(member.name)
+    if name.is_absolute() or ".." in name.parts or member.name.startswith(("/", "\\")):
+        raise UnsafeArchiveError(
+            f"{archive}: member {member.name!r} would be written outside the target folder; "
+            "refusing to extract (delete the file and download it again)"
+        )
+    if not (member.isfile() or member.isdir()):
+        raise UnsafeArchiveError(
+            f"{archive}: member {member.name!r} is a link or special file; refusing to extract"
+        )
+
+
+def extract_tar(archive: Path, destination: Path, top_level: str) -> Path:
+    """Extract ``archive`` so that its folder ``top_level`` becomes ``destination``.
+
+    Everything goes into a temporary folder beside ``destination`` first; only a complete
+    extraction is renamed into place, so an interrupted one is never mistaken for data.
+    Returns ``destination``.
+    """
+    archive, destination = Path(archive), Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.parent / f".{destination.name}.{os.getpid()}.extracting"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir()
+        try:
+            with tarfile.open(archive) as tar:
+                members = tar.getmembers()
+                for member in members:
+                    _check_member(member, archive)
+                kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tar.extractall(staging, members=members, **kwargs)  # noqa: S202 (checked above)
+        except (tarfile.TarError, EOFError, OSError) as error:
+            raise DataNotFoundError(
+                f"{archive} is not a readable tar archive ({error}); delete it and download "
+                "it again"
+            ) from error
+        extracted = staging / top_level
+        if not extracted.is_dir():
+            found = sorted(p.name for p in staging.iterdir())
+            raise DataNotFoundError(
+                f"{archive} has no top-level folder {top_level!r} (found: {', '.join(found)}); "
+                "it is not the expected archive"
+            )
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(extracted, destination)
+        return destination
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- completion marks
+
+
+def mark_complete(folder: Path, source: Resource) -> None:
+    """Write ``folder/.clbench-complete`` naming the verified archive it came from."""
+    algorithm, digest = source.checksum
+    marker = Path(folder) / ".clbench-complete"
+    marker.write_text(json.dumps({"source": source.url, algorithm: digest}))
+
+
+def is_complete(folder: Path, source: Resource) -> bool:
+    """Whether ``folder`` holds a finished extraction of exactly this archive."""
+    algorithm, digest = source.checksum
+    try:
+        marker = json.loads((Path(folder) / ".clbench-complete").read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get(algorithm) == digest
+
+
+def download_and_extract(
+    resource: Resource,
+    folder: Path,
+    top_level: str,
+    destination: Path,
+    *,
+    retries: int = DEFAULT_RETRIES,
+    backoff_s: float = DEFAULT_BACKOFF_S,
+    progress: ProgressCallback | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """The archive in ``folder`` (downloaded if needed), extracted to ``destination`` once."""
+    if is_complete(destination, resource):
+        return destination
+    archive = download(
+        resource, folder, retries=retries, backoff_s=backoff_s, progress=progress, log=log
+    )
+    (log or (lambda message: print(message, file=sys.stderr)))(
+        f"extracting {archive} -> {destination}"
+    )
+    extract_tar(archive, destination, top_level)
+    mark_complete(destination, resource)
+    return destination
+
+
+# ------------------------------------------------------------------------ clbench list
+
+
+@dataclass(frozen=True)
+class DataStatus:
+    """Whether a scenario's data is on this machine (for ``clbench list``), and where."""
+
+    present: bool
+    location: Path
+    how_to_get: str = ""
+    downloadable: bool = True  # False for licensed data the user must supply
+
+
+def data_marker(name: str, scenario_factory: Callable[..., object]) -> str:
+    """`` [data: ...]`` for ``clbench list``: present / missing under the data root.
+
+    A scenario advertises its data through attributes of its factory:
+    ``data_status(options, data_root) -> DataStatus``, ``download(options, data_root)``
+    (what ``clbench download`` calls) and ``check_options(options)`` (the checks that need
+    no data, for a caller that wants to refuse bad options before any work). One without
+    them needs no data files (bundled, or generated).
+    """
+    status_of = getattr(scenario_factory, "data_status", None)
+    if status_of is None:
+        return " [data: built in]"
+    from clbench.runner import options_class
+    from clbench.scenario import default_data_root
+
+    try:
+        status = status_of(options_class(scenario_factory)(), default_data_root())
+    except Exception as error:  # a listing must not fail on one scenario's probe
+        return f" [data: unknown ({type(error).__name__})]"
+    if status.present:
+        return f" [data: present in {status.location}]"
+    if not status.downloadable:
+        return f" [data: missing; licensed, `clbench download {name}` says where to put it]"
+    return f" [data: missing; `clbench download {name}`]"

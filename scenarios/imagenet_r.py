@@ -1,0 +1,328 @@
+"""ImageNet-R: 200 classes, 30,000 images, 10 tasks x 20 classes, 80/20 split.
+
+Public codebases split ImageNet-R differently (one moves files on its first run with
+whatever seed it had). Ours is a pure function of the set of image paths: per class, the
+sorted paths are shuffled by an RNG seeded with (split seed, class), and 20 % go to the
+test set, with the rounding spread over the classes (largest remainders) so the totals are
+exactly 24,000 / 6,000. The split is written to ``split-80-20.json`` beside the images
+the first time and read back afterwards; a split file that does not match the images
+present is an error, never silently redone.
+
+Layout under the data root::
+
+    imagenet-r/imagenet-r.tar        the official archive (md5 checked)
+    imagenet-r/images/<wnid>/*.jpg   extracted (the archive's top folder imagenet-r/)
+    imagenet-r/split-80-20.json      the written-down split
+
+JPEG decoding, RandomResizedCrop(size, scale=(0.05, 1)) and the flip run per item in the
+DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from clbench.config import Options, option
+from clbench.download import DataStatus, Resource, download_and_extract, is_complete
+from clbench.errors import DataNotFoundError, UsageError
+from clbench.registry import SCENARIOS
+from clbench.scenario import Scenario, default_data_root
+from clbench.scenarios.split_cifar100 import (
+    ClassOrder,
+    check_task_count,
+    class_incremental_with_transforms,
+    require_vision_encoder,
+    resolve_class_order,
+    vit_eval_transform,
+    vit_train_transform,
+)
+
+IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
+# The md5 that torchvision-style loaders (torch-uncertainty, datamaestro and others)
+# publish for this URL; the archive is 2.1 GB.
+IMAGENET_R_MD5 = "a61312130a589d0ca1a8fca1f2bd3337"
+IMAGENET_R_ARCHIVE = "imagenet-r.tar"
+IMAGENET_R_TOP_LEVEL = "imagenet-r"
+IMAGENET_R_CLASSES = 200
+
+SPLIT_SEED = 0
+TEST_FRACTION = 0.2
+SPLIT_FILE = "split-80-20.json"
+SPLIT_FORMAT = "clbench-imagenet-r-split/1"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+@dataclass
+class ImageNetROptions(Options):
+    num_experiences: int = option(10, "number of tasks (must divide the 200 classes)")
+    class_order: ClassOrder = option(
+        "seed", "seed: random.seed(seed) shuffle of the classes; natural: sorted WordNet ids"
+    )
+    augment: bool = option(
+        True,
+        "RandomResizedCrop(scale=(crop_scale_min, 1)) + flip for training (false: test transform)",
+    )
+    crop_scale_min: float = option(0.05, "smallest crop area fraction of RandomResizedCrop")
+    download: bool = option(True, "download the data into the data root when it is missing")
+    url: str = option(IMAGENET_R_URL, "where to download imagenet-r.tar from")
+    md5: str = option(IMAGENET_R_MD5, "md5 of the archive at url")
+
+
+def imagenet_r_folder(data_root: Path) -> Path:
+    return Path(data_root) / "imagenet-r"
+
+
+def _resource(options: ImageNetROptions) -> Resource:
+    return Resource(IMAGENET_R_ARCHIVE, options.url, md5=options.md5)
+
+
+def imagenet_r_how_to_get(folder: Path) -> str:
+    return (
+        f"run `clbench download imagenet-r` (it fetches {IMAGENET_R_URL}, 2.1 GB, md5 "
+        f"{IMAGENET_R_MD5}), or put {IMAGENET_R_ARCHIVE} in {folder} by hand; set "
+        "$CLBENCH_DATA or --data-root to use another data root"
+    )
+
+
+def imagenet_r_data_status(options: ImageNetROptions, data_root: Path) -> DataStatus:
+    folder = imagenet_r_folder(data_root)
+    images = folder / "images"
+    return DataStatus(
+        is_complete(images, _resource(options)), images, imagenet_r_how_to_get(folder)
+    )
+
+
+def fetch_imagenet_r(
+    options: ImageNetROptions, data_root: Path, log: Any = None, progress: Any = None
+) -> Path:
+    """Download (if needed), verify, extract, and write the split file; returns the folder."""
+    folder = imagenet_r_folder(data_root)
+    images = download_and_extract(
+        _resource(options),
+        folder,
+        IMAGENET_R_TOP_LEVEL,
+        folder / "images",
+        log=log,
+        progress=progress,
+    )
+    load_or_write_split(folder / SPLIT_FILE, list_image_files(images))
+    return folder
+
+
+# ------------------------------------------------------------------------------ split
+
+
+def list_image_files(images: Path) -> list[str]:
+    """Sorted ``wnid/file`` paths of every image in a class folder (order-independent)."""
+    files = []
+    for class_dir in os.scandir(images):
+        if not class_dir.is_dir() or class_dir.name.startswith("."):
+            continue
+        for entry in os.scandir(class_dir.path):
+            if entry.is_file() and entry.name.lower().endswith(IMAGE_SUFFIXES):
+                files.append(f"{class_dir.name}/{entry.name}")
+    if not files:
+        raise DataNotFoundError(f"no images found under {images}/<class>/")
+    return sorted(files)
+
+
+def listing_digest(files: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(files)).encode()).hexdigest()
+
+
+def _test_counts(class_sizes: dict[str, int], test_fraction: float) -> dict[str, int]:
+    """round(f * total) test items, spread as f * n_c per class by largest remainders."""
+    quotas = {c: test_fraction * n for c, n in class_sizes.items()}
+    counts = {c: math.floor(q) for c, q in quotas.items()}
+    missing = round(test_fraction * sum(class_sizes.values())) - sum(counts.values())
+    by_remainder = sorted(quotas, key=lambda c: (-(quotas[c] - counts[c]), c))
+    for c in by_remainder[:missing]:
+        counts[c] += 1
+    return counts
+
+
+def make_split(
+    files: Sequence[str], test_fraction: float = TEST_FRACTION, seed: int = SPLIT_SEED
+) -> dict[str, list[str]]:
+    """Stratified train/test split of ``wnid/file`` paths; a function of the set only."""
+    by_class: dict[str, list[str]] = {}
+    for path in sorted(set(files)):
+        by_class.setdefault(path.split("/", 1)[0], []).append(path)
+    counts = _test_counts({c: len(m) for c, m in by_class.items()}, test_fraction)
+    train, test = [], []
+    for wnid in sorted(by_class):
+        members = by_class[wnid]
+        # str seeds hash the same on every platform and Python run (unlike hash())
+        random.Random(f"{seed}/{wnid}").shuffle(members)
+        test.extend(members[: counts[wnid]])
+        train.extend(members[counts[wnid] :])
+    return {"train": sorted(train), "test": sorted(test)}
+
+
+def load_or_write_split(split_file: Path, files: Sequence[str]) -> dict[str, Any]:
+    """The split written beside the data, created on first use and checked on reuse."""
+    digest = listing_digest(files)
+    if split_file.is_file():
+        try:
+            split = json.loads(split_file.read_text())
+            recorded = (split["format"], split["listing_sha256"], split["train"], split["test"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise DataNotFoundError(
+                f"split file {split_file} is unreadable ({error}); delete it to write it again"
+            ) from error
+        if recorded[0] != SPLIT_FORMAT:
+            raise DataNotFoundError(f"{split_file} is not a clbench ImageNet-R split file")
+        if recorded[1] != digest:
+            raise DataNotFoundError(
+                f"split file {split_file} was written for another set of images "
+                f"({split.get('num_files')} files; {len(files)} are present now). Restore the "
+                f"images (delete {split_file.parent / 'images'} and run `clbench download "
+                "imagenet-r`), or delete the split file to split the present images anew"
+            )
+        return split
+    parts = make_split(files)
+    split = {
+        "format": SPLIT_FORMAT,
+        "note": "ImageNet-R train/test split made by clbench (scenarios/imagenet_r.py)",
+        "seed": SPLIT_SEED,
+        "test_fraction": TEST_FRACTION,
+        "num_files": len(files),
+        "listing_sha256": digest,
+        "counts": {"train": len(parts["train"]), "test": len(parts["test"])},
+        **parts,
+    }
+    tmp = split_file.with_name(f".{split_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(split, indent=0))
+    os.replace(tmp, split_file)
+    return split
+
+
+# ---------------------------------------------------------------------------- dataset
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """(uint8 [3, H, W] image, label) read from disk on access, with ``targets``.
+
+    Decoding happens in ``__getitem__`` so that it runs in the DataLoader's workers.
+    """
+
+    def __init__(self, root: Path, files: Sequence[str], labels: Sequence[int]) -> None:
+        self.root = Path(root)
+        self.files = list(files)
+        self.targets = [int(y) for y in labels]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return decode_rgb(self.root / self.files[index]), self.targets[index]
+
+
+def decode_rgb(path: Path) -> Tensor:
+    """libjpeg through torchvision (fast); PIL for what it cannot read (CMYK, palettes)."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError):
+        from PIL import Image
+        from torchvision.transforms.functional import pil_to_tensor
+
+        with Image.open(path) as image:
+            return pil_to_tensor(image.convert("RGB"))
+
+
+def read_class_names(images: Path, wnids: Sequence[str]) -> list[str]:
+    """Names from the archive's README.txt ("n01443537 goldfish" lines) where it has them."""
+    names: dict[str, str] = {}
+    readme = images / "README.txt"
+    if readme.is_file():
+        for line in readme.read_text(errors="replace").splitlines():
+            match = re.match(r"^\s*(n\d{8})\s+(.+?)\s*$", line)
+            if match:
+                names[match.group(1)] = match.group(2)
+    return [names.get(w, w) for w in wnids]
+
+
+def check_imagenet_r_options(options: ImageNetROptions) -> None:
+    """The checks that need no data: run first, so bad options cost nothing."""
+    check_task_count(IMAGENET_R_CLASSES, options.num_experiences, "imagenet-r")
+    resolve_class_order(options.class_order, IMAGENET_R_CLASSES, 0)
+    if not 0 < options.crop_scale_min <= 1:
+        raise UsageError(f"crop_scale_min must be in (0, 1] (got {options.crop_scale_min})")
+
+
+@SCENARIOS.register(
+    "imagenet-r",
+    "ImageNet-R (200 classes), 10 tasks x 20 classes, fixed 80/20 split file; downloads 2.1 GB",
+)
+def imagenet_r(options: ImageNetROptions, encoder: Any, seed: int) -> Scenario:
+    check_imagenet_r_options(options)
+    size = require_vision_encoder(encoder, "imagenet-r")
+    data_root = default_data_root()
+    folder = imagenet_r_folder(data_root)
+    status = imagenet_r_data_status(options, data_root)
+    if not status.present:
+        if not options.download:
+            raise DataNotFoundError(
+                f"ImageNet-R not found (looked in: {status.location}); {status.how_to_get}"
+            )
+        fetch_imagenet_r(options, data_root)
+    images = status.location
+    split = load_or_write_split(folder / SPLIT_FILE, list_image_files(images))
+    wnids = sorted({path.split("/", 1)[0] for path in split["train"] + split["test"]})
+    # the real archive has 200 classes; a smaller archive (a test's) must still divide
+    check_task_count(len(wnids), options.num_experiences, "imagenet-r")
+    class_order = resolve_class_order(options.class_order, len(wnids), seed)
+    class_id = {w: i for i, w in enumerate(wnids)}
+
+    def dataset(paths: list[str]) -> ImageFileDataset:
+        return ImageFileDataset(images, paths, [class_id[p.split("/", 1)[0]] for p in paths])
+
+    train, test = dataset(split["train"]), dataset(split["test"])
+    eval_transform = vit_eval_transform(size, encoder.mean, encoder.std)
+    train_transform = (
+        vit_train_transform(size, encoder.mean, encoder.std, (options.crop_scale_min, 1.0))
+        if options.augment
+        else eval_transform
+    )
+    benchmark, classes = class_incremental_with_transforms(
+        train, test, class_order, options.num_experiences, train_transform, eval_transform
+    )
+    return Scenario(
+        name="imagenet-r",
+        benchmark=benchmark,
+        classes_per_experience=classes,
+        class_names=read_class_names(images, wnids),
+        modality="vision",
+        details={
+            "data_folder": str(images),
+            "split_file": str(folder / SPLIT_FILE),
+            "wnids": wnids,
+            "class_order": class_order,
+            "class_order_kind": options.class_order,
+            "seed": seed,
+            "counts": {"train": len(train), "test": len(test)},
+            "input_size": tuple(encoder.input_size),
+            "train_transform": repr(train_transform),
+            "eval_transform": repr(eval_transform),
+        },
+    )
+
+
+imagenet_r.default_backbone = "vit-b16-in21k"
+imagenet_r.data_status = imagenet_r_data_status
+imagenet_r.download = fetch_imagenet_r
+imagenet_r.check_options = check_imagenet_r_options

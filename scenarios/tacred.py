@@ -1,0 +1,252 @@
+"""TACRED in the continual relation-extraction protocol of RP-CRE / CRL.
+
+TACRED is licensed by the Linguistic Data Consortium and may not be redistributed, so the
+user supplies the files; nothing is downloaded. Protocol (REFERENCE.md): the 42 labels
+minus ``no_relation`` and ``per:country_of_death`` leave 40 relations, 10 tasks x 4; per
+relation, after a seeded shuffle, the first min(n // 5, 41) sentences are the test set
+and up to 320 of the rest the training set (as CRL's sampler does); no validation set.
+
+Accepted input: the LDC release's JSON (a list of records with ``token``, ``relation``,
+``subj_start`` / ``subj_end`` / ``obj_start`` / ``obj_end``; train.json, dev.json and
+test.json are merged, as the protocol re-splits the whole set), or one file already in
+FewRel format (relation -> examples), as some continual-RE repositories convert it.
+Encoding (entity markers, truncation around the entities, the token cache) is the one of
+``relation_extraction.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clbench.config import Options, option
+from clbench.download import DataStatus
+from clbench.errors import DataNotFoundError, UsageError
+from clbench.registry import SCENARIOS
+from clbench.scenario import Scenario, default_data_root
+from clbench.scenarios.relation_extraction import (
+    RelationSplits,
+    _check_fewrel_structure,
+    build_relation_scenario,
+    fit_task_count,
+    require_text_encoder,
+)
+
+TACRED_FILES = ("train.json", "dev.json", "test.json")
+EXCLUDED_RELATIONS = ("no_relation", "per:country_of_death")
+TACRED_RELATIONS = 40
+# Bump when the conversion to FewRel format changes, so old token caches stop matching.
+CONVERSION_VERSION = 1
+# The Penn Treebank escapes in TACRED's tokens, mapped back so BERT sees the characters.
+PTB_ESCAPES = {
+    "-LRB-": "(",
+    "-RRB-": ")",
+    "-LSB-": "[",
+    "-RSB-": "]",
+    "-LCB-": "{",
+    "-RCB-": "}",
+}
+
+
+def tacred_license_note(folder: Path) -> str:
+    return (
+        "TACRED is distributed by the Linguistic Data Consortium (LDC2018T24, "
+        "https://catalog.ldc.upenn.edu/LDC2018T24) under a license that forbids "
+        "redistribution, so clbench cannot download it. With access, copy the release's "
+        f"data/json/train.json, dev.json and test.json into {folder} (or pass --set "
+        "scenario.data_file=PATH for one JSON file, or a folder holding those three)"
+    )
+
+
+@dataclass
+class TACREDOptions(Options):
+    data_file: str | None = option(
+        None,
+        "a TACRED JSON file (LDC list format or FewRel format) or a folder with train.json, "
+        "dev.json and test.json (default: <data_root>/tacred)",
+    )
+    num_experiences: int = option(10, "number of tasks (must divide the 40 relations)")
+    max_length: int = option(256, "tokens per sentence, [CLS]/[SEP]/markers included")
+    max_train: int = option(320, "at most this many training sentences per relation")
+    max_test: int = option(41, "at most this many test sentences per relation (and n // 5)")
+    exclude_relations: list[str] = option(
+        list(EXCLUDED_RELATIONS), "labels left out of the protocol (comma-separated)"
+    )
+
+
+def tacred_data_status(options: TACREDOptions, data_root: Path) -> DataStatus:
+    folder = Path(data_root) / "tacred"
+    try:
+        files = find_tacred_files(options.data_file, folder)
+    except DataNotFoundError:
+        location = Path(options.data_file).expanduser() if options.data_file else folder
+        return DataStatus(False, location, tacred_license_note(folder), downloadable=False)
+    return DataStatus(True, files[0].parent if len(files) > 1 else files[0], "")
+
+
+def check_tacred_present(
+    options: TACREDOptions, data_root: Path, log: Any = None, progress: Any = None
+) -> Path:
+    """``clbench download tacred``: nothing to fetch; says where the files are or must go."""
+    folder = Path(data_root) / "tacred"
+    files = find_tacred_files(options.data_file, folder)
+    return files[0].parent if len(files) > 1 else files[0]
+
+
+def find_tacred_files(data_file: str | None, default_folder: Path) -> list[Path]:
+    """The JSON file(s) to read; a missing one explains the license and where to put it."""
+    if data_file is not None:
+        path = Path(data_file).expanduser()
+        if path.is_file():
+            return [path]
+        if not path.is_dir():
+            raise DataNotFoundError(
+                f"TACRED data {path} not found (looked in: {path}); "
+                f"{tacred_license_note(default_folder)}"
+            )
+        folder = path
+    else:
+        folder = default_folder
+    expected = [folder / name for name in TACRED_FILES]
+    missing = [p for p in expected if not p.is_file()]
+    if missing:
+        raise DataNotFoundError(
+            f"TACRED files missing: {', '.join(str(p) for p in missing)} (looked in: {folder}); "
+            f"{tacred_license_note(default_folder)}"
+        )
+    return expected
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path} is not valid JSON: {error}") from error
+
+
+def tacred_record_to_example(record: Any, where: str) -> tuple[str, dict]:
+    """(relation, FewRel-format example) from one LDC record; malformed ones are named."""
+    keys = ("token", "relation", "subj_start", "subj_end", "obj_start", "obj_end")
+    if not isinstance(record, dict) or any(k not in record for k in keys):
+        raise UsageError(f"{where}: expected a TACRED record with keys {', '.join(keys)}")
+    tokens = [PTB_ESCAPES.get(t, t) for t in record["token"]]
+    spans = {}
+    for role in ("subj", "obj"):
+        start, end = record[f"{role}_start"], record[f"{role}_end"]
+        if not (
+            isinstance(start, int) and isinstance(end, int) and 0 <= start <= end < len(tokens)
+        ):
+            raise UsageError(f"{where}: {role} span [{start}, {end}] outside {len(tokens)} tokens")
+        indices = list(range(start, end + 1))
+        spans[role] = [
+            " ".join(tokens[i] for i in indices),
+            record.get(f"{role}_type", ""),
+            [indices],
+        ]
+    return str(record["relation"]), {"tokens": tokens, "h": spans["subj"], "t": spans["obj"]}
+
+
+def load_tacred(files: Sequence[Path], exclude: Sequence[str]) -> dict[str, list[dict]]:
+    """Relation -> FewRel-format examples, from LDC-format lists or one FewRel-format file."""
+    data: dict[str, list[dict]] = {}
+    for path in files:
+        raw = _read_json(path)
+        if isinstance(raw, dict):  # already converted (FewRel format)
+            _check_fewrel_structure(raw, path)
+            for relation, examples in raw.items():
+                data.setdefault(relation, []).extend(examples)
+            continue
+        if not isinstance(raw, list):
+            raise UsageError(f"{path}: expected a list of TACRED records or a FewRel-format object")
+        for index, record in enumerate(raw):
+            relation, example = tacred_record_to_example(record, f"{path}: record {index}")
+            data.setdefault(relation, []).append(example)
+    for relation in exclude:
+        data.pop(relation, None)
+    if not data:
+        raise UsageError(f"no relations left in {', '.join(map(str, files))}")
+    return data
+
+
+def split_tacred(
+    data: Mapping[str, Sequence[dict]], seed: int, max_train: int, max_test: int
+) -> RelationSplits:
+    """Per relation (sorted ids, one seeded RNG): test = first min(n // 5, max_test) of a
+    shuffle, train = the next max_train at most. A relation with no test sentence is an
+    error: it could be learnt but never scored."""
+    rng = random.Random(seed)
+    train: dict[str, list[int]] = {}
+    test: dict[str, list[int]] = {}
+    for relation in sorted(data):
+        order = list(range(len(data[relation])))
+        rng.shuffle(order)
+        n_test = min(len(order) // 5, max_test)
+        if n_test < 1:
+            raise UsageError(
+                f"relation {relation!r} has {len(order)} sentences: too few for a test set "
+                "(needs 5); add it to scenario.exclude_relations"
+            )
+        test[relation] = order[:n_test]
+        train[relation] = order[n_test : n_test + max_train]
+    return RelationSplits(train=train, val={r: [] for r in train}, test=test)
+
+
+def check_tacred_options(options: TACREDOptions) -> None:
+    """The checks that need no data: run first, so bad options cost nothing."""
+    if options.max_train < 1 or options.max_test < 1:
+        raise UsageError("max_train and max_test must be at least 1")
+    if sorted(options.exclude_relations) == sorted(EXCLUDED_RELATIONS):
+        # the protocol's 40 relations: an impossible task count is known without the data
+        fit_task_count(TACRED_RELATIONS, options.num_experiences, "tacred")
+    elif options.num_experiences < 1:
+        raise UsageError(f"num_experiences must be at least 1 (got {options.num_experiences})")
+
+
+@SCENARIOS.register(
+    "tacred",
+    "TACRED (user-supplied, LDC license), 40 relations, 10 tasks x 4, <=320 train / "
+    "min(n/5, 41) test per relation",
+)
+def tacred(options: TACREDOptions, encoder: Any, seed: int) -> Scenario:
+    check_tacred_options(options)
+    require_text_encoder(encoder, "tacred")
+    files = find_tacred_files(options.data_file, default_data_root() / "tacred")
+    data = load_tacred(files, options.exclude_relations)
+    num_experiences = fit_task_count(len(data), options.num_experiences, "tacred")
+    splits = split_tacred(data, seed, options.max_train, options.max_test)
+    digest = hashlib.sha256()
+    digest.update(f"tacred-conversion-{CONVERSION_VERSION}".encode())
+    for path in files:
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    digest.update(json.dumps(sorted(options.exclude_relations)).encode())
+    return build_relation_scenario(
+        "tacred",
+        data,
+        encoder,
+        seed,
+        num_experiences=num_experiences,
+        max_length=options.max_length,
+        n_train=max(len(v) for v in splits.train.values()),
+        n_val=0,
+        n_test=max(len(v) for v in splits.test.values()),
+        source_digest=digest.hexdigest(),
+        relation_names={r: r for r in data},
+        details={
+            "data_files": [str(p) for p in files],
+            "excluded_relations": list(options.exclude_relations),
+            "max_train": options.max_train,
+            "max_test": options.max_test,
+        },
+        splits=splits,
+    )
+
+
+tacred.default_backbone = "bert-base-uncased"
+tacred.data_status = tacred_data_status
+tacred.download = check_tacred_present
+tacred.check_options = check_tacred_options
