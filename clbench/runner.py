@@ -85,6 +85,10 @@ def resolve_run(request: RunRequest) -> dict[str, Any]:
     strategy_config = apply_overrides(strategy_config, request.strategy_overrides, what=strategy_class.name or "strategy")
     scenario_options = apply_overrides(options_class(scenario_factory)(), request.scenario_overrides, what=f"scenario {request.scenario}")
     backbone_options = apply_overrides(options_class(backbone_factory)(), request.backbone_overrides, what=f"backbone {backbone}")
+    # checks that need no data (task counts, class orders) refuse before a folder exists
+    check_options = getattr(scenario_factory, "check_options", None)
+    if check_options is not None:
+        check_options(scenario_options)
     return {
         "clbench_version": __version__,
         "protocol_version": PROTOCOL_VERSION,

@@ -285,6 +285,10 @@ class CLStrategy(SupervisedTemplate):
         # evaluation is the run loop's job; [] keeps Avalanche from evaluating per epoch
         return super().train(experiences, eval_streams=eval_streams or [], **kwargs)
 
+    def eval(self, experiences: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("num_workers", self.config.num_workers)
+        return super().eval(experiences, **kwargs)
+
     # -- checkpoints ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything but the frozen encoder weights, which are never copied."""
