@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from clbench.config import Options, option
 from clbench.encoders.base import PromptableEncoder
 from clbench.errors import UsageError
+from clbench.query_cache import QueryCache
 
 
 @dataclass
@@ -53,6 +54,9 @@ class StrategyConfig(Options):
     )
     lr_step_epoch: int = option(0, "with lr_schedule=step: multiply the lr by 0.1 after this epoch")
     num_workers: int = option(0, "data-loader worker processes")
+    cache_queries: bool = option(
+        True, "compute each input's un-prompted query feature once and reuse it"
+    )
 
 
 class StrategyModel(nn.Module):
@@ -150,6 +154,7 @@ class CLStrategy(SupervisedTemplate):
         self.task_classes: list[list[int]] = []
         self.auxiliary_loss: Tensor | None = None
         self.scheduler: Any = None
+        self.query_cache = QueryCache()
         model = StrategyModel(encoder)
         self.setup(model)
         # Avalanche wants an optimizer now; the real one is built per experience.
@@ -212,6 +217,17 @@ class CLStrategy(SupervisedTemplate):
         pass
 
     # -- helpers ----------------------------------------------------------------------
+    def query(self, x: Tensor) -> Tensor:
+        """The frozen encoder's un-prompted feature of ``x``, from the cache when seen before.
+
+        Inputs are cached when they cannot be augmented views: always at evaluation, and
+        while training on text (our text scenarios have no augmentation).
+        """
+        if not self.config.cache_queries:
+            return self.encoder.query(x)
+        insert = not self.is_training or self.encoder.modality == "text"
+        return self.query_cache.get_or_compute(x, self.encoder.query, insert=insert)
+
     @property
     def current_class_mask(self) -> Tensor:
         mask = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
@@ -306,6 +322,7 @@ class CLStrategy(SupervisedTemplate):
             "task_classes": self.task_classes,
             "seen_classes": self.seen_classes.cpu(),
             "current_task": self.current_task,
+            "query_cache": self.query_cache.state_dict(),
             "extra": self.extra_state(),
         }
 
@@ -322,5 +339,6 @@ class CLStrategy(SupervisedTemplate):
         self.task_classes = [list(c) for c in state["task_classes"]]
         self.seen_classes = state["seen_classes"].to(self.device)
         self.current_task = state["current_task"]
+        self.query_cache.load_state_dict(state["query_cache"], self.device)
         self.current_classes = self.task_classes[-1] if self.task_classes else []
         self.load_extra_state(state["extra"])

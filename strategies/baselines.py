@@ -46,7 +46,7 @@ class _LinearProbe(CLStrategy):
     def experience_features(self) -> TensorClassificationDataset:
         """The frozen features and labels of the current experience's training items."""
         features, labels = extract_features(
-            self.encoder.query, self.experience.dataset.eval(),
+            self.query, self.experience.dataset.eval(),
             batch_size=self.config.eval_batch_size, device=self.device,
             num_workers=self.config.num_workers,
         )
@@ -63,7 +63,7 @@ class _LinearProbe(CLStrategy):
         return self.model.head(x)  # training batches are features already
 
     def predict(self, x: Tensor) -> Tensor:
-        return self.mask_unseen(self.model.head(self.encoder.query(x)))
+        return self.mask_unseen(self.model.head(self.query(x)))
 
 
 @STRATEGIES.register("seq-ft", "lower bound: a linear classifier on frozen features, trained task after task")

@@ -192,7 +192,7 @@ class HiDePrompt(CLStrategy):
         selection = self.model.prompts(task=task)
 
         def query_and_prompted(x: Tensor) -> tuple[Tensor, Tensor]:
-            return self.encoder.query(x), self.encoder(x, selection.prompt).pooled
+            return self.query(x), self.encoder(x, selection.prompt).pooled
 
         (query, prompted), labels = extract_features(
             query_and_prompted, self.experience.dataset.eval(),
@@ -242,7 +242,7 @@ class HiDePrompt(CLStrategy):
     # -- prediction -------------------------------------------------------------------------
     def predict(self, x: Tensor) -> Tensor:
         lookup = self.class_to_task()
-        query = self.encoder.query(x)
+        query = self.query(x)
         inferred = lookup[self.mask_unseen(self.model.task_identity(query)).argmax(1)]
         selection = self.model.prompts(task=inferred)
         logits = self.mask_unseen(self.model.head(self.encoder(x, selection.prompt).pooled))

@@ -62,7 +62,7 @@ class L2P(CLStrategy):
         model.head = nn.Linear(head_dim, self.num_classes)
 
     def _logits(self, x: Tensor, train: bool) -> Tensor:
-        query = self.encoder.query(x)  # the same frozen encoder, no prompt, no grad
+        query = self.query(x)  # the same frozen encoder, no prompt, no grad
         selection = self.model.prompt_pool(query, train=train)
         output = self.encoder(x, selection.prompt)
         if self.config.head_input == "prompt_mean":
