@@ -67,6 +67,8 @@ class ClassStatistics:
                 self.scales[label] = stds.float()
 
     def class_means(self, classes: list[int], device: Any = "cpu") -> Tensor:
+        if not classes:
+            return torch.empty(0, self.dim, device=device)
         return torch.stack([self.means[c] for c in classes]).to(device)
 
     def sample(
@@ -170,6 +172,7 @@ def train_on_samples(
     device: Any = "cpu",
     logits_fn: Callable[[Tensor], Tensor] | None = None,
     allowed: Tensor | None = None,
+    steps_per_epoch: int | None = None,
 ) -> None:
     """(Re)train ``module`` on Gaussian samples of ``classes``: SGD with momentum, cosine.
 
@@ -185,7 +188,10 @@ def train_on_samples(
     for _ in range(epochs):
         features, labels = statistics.sample(classes, samples_per_class, device=device)
         order = torch.randperm(len(labels), device=device)
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        if steps_per_epoch is not None:
+            starts = starts[:steps_per_epoch]
+        for start in starts:
             batch = order[start : start + batch_size]
             logits = forward(features[batch])
             if allowed is not None:

@@ -10,7 +10,8 @@ The objective splits into three parts, each trained on its own:
 * **Within-task prediction (WTP)**: one prefix prompt per task (layers 0-4, length L_p),
   initialised from the previous task's prompt, trained with cross-entropy over the task's
   classes plus a contrastive regulariser that keeps batch features away from the stored
-  means of old classes; prompt momentum m mixes in the mean of old prompts while training.
+  means of old classes; after training, prompt momentum m mixes the mean of the old
+  prompts into the stored prompt (as the authors' code does).
 * **Task-adaptive prediction (TAP)**: after each task, class-wise statistics of the
   prompted features are stored and the head alone is retrained on samples of all seen
   classes (no stored data).
@@ -64,13 +65,18 @@ class TaskPrefixPrompts(PromptModule):
         for index, prompt in enumerate(self.prompts):
             prompt.requires_grad_(index == task)
 
+    def finish_task(self, task: int) -> None:
+        """P_t <- (1 - m) P_t + m mean(P_<t), then freeze P_t (HiDe's prompt momentum)."""
+        prompt = self.prompts[task]
+        if self.momentum > 0 and task > 0:
+            with torch.no_grad():
+                previous = torch.stack(list(self.prompts[:task])).mean(0)
+                prompt.copy_((1 - self.momentum) * prompt + self.momentum * previous)
+        prompt.requires_grad_(False)
+
     def forward(self, query: Tensor | None = None, *, task: Any = None, train: bool = False) -> PromptSelection:
         if isinstance(task, int):
-            prompt = self.prompts[task]
-            if train and self.momentum > 0 and task > 0:
-                previous = torch.stack(list(self.prompts[:task])).mean(0).detach()
-                prompt = (1 - self.momentum) * prompt + self.momentum * previous
-            per_sample = prompt.unsqueeze(0)  # [1, layers, 2, L, D]
+            per_sample = self.prompts[task].unsqueeze(0)  # [1, layers, 2, L, D]
         else:
             per_sample = torch.stack(list(self.prompts))[task]  # [B, layers, 2, L, D]
         prefixes = {layer: per_sample[:, i] for i, layer in enumerate(self.layers)}
@@ -102,11 +108,11 @@ class HiDePromptConfig(StrategyConfig):
     contrastive_temperature: float = option(0.8, "temperature of the contrastive regulariser")
     head_lr_scale: float = option(0.1, "head learning rate = lr x this")
     tii_epochs: int = option(20, "epochs of the task-identity classifier per task (Adam)")
-    tii_lr: float = option(1e-3, "learning rate of the task-identity classifier (Adam)")
+    tii_lr: float = option(5e-4, "learning rate of the task-identity classifier (Adam)")
     tii_align_epochs: int = option(30, "epochs aligning the task-identity classifier on samples")
     tap_epochs: int = option(30, "epochs retraining the head on samples of all seen classes")
-    replay_lr: float = option(0.01, "SGD learning rate of the two sample-trained stages")
-    samples_per_class: int = option(256, "Gaussian samples per class and epoch")
+    replay_lr: float = option(0.005, "SGD learning rate of the two sample-trained stages")
+    samples_per_class: int = option(640, "Gaussian samples per class and epoch (5 x batch)")
     statistics: Literal["covariance", "centroids"] = option("covariance", "class statistics")
     num_centroids: int = option(10, "k of the centroids mode")
     shrinkage: float = option(1e-4, "added to the covariance diagonal")
@@ -125,9 +131,9 @@ HIDE_PRESETS: dict[str, dict[str, Any]] = {
               "tii_epochs": 2, "tii_align_epochs": 2, "tap_epochs": 2, "samples_per_class": 64},
     "digits-offline": {"epochs": 3, "batch_size": 32, "lr": 0.01, "lr_schedule": "constant",
                        "num_tasks": 5, "tii_epochs": 10, "tii_align_epochs": 10,
-                       "tap_epochs": 10, "samples_per_class": 128},
+                       "tap_epochs": 10, "samples_per_class": 160},
     "fewrel-offline": {"epochs": 2, "batch_size": 32, "lr": 0.01, "lr_schedule": "constant",
-                       "num_tasks": 4},
+                       "num_tasks": 4, "samples_per_class": 160},
     "split-cifar100": {},  # the defaults are the authors' CIFAR setting
     "imagenet-r": {"epochs": 150, "lr_schedule": "cosine", "prompt_length": 20,
                    "contrastive_weight": 0.5},
@@ -174,21 +180,26 @@ class HiDePrompt(CLStrategy):
     def train_logits(self, x: Tensor) -> Tensor:
         selection = self.model.prompts(task=self.current_task, train=True)
         features = self.encoder(x, selection.prompt).pooled
-        old_classes = [c for classes in self.task_classes[: self.current_task] for c in classes]
-        if self.config.contrastive_weight > 0 and old_classes:
+        if self.config.contrastive_weight > 0:
+            old_classes = [c for classes in self.task_classes[: self.current_task] for c in classes]
             old_means = self.prompted_statistics.class_means(old_classes, self.device)
             self.auxiliary_loss = self.config.contrastive_weight * self.contrastive(features, old_means)
         return self.model.head(features)
 
     def contrastive(self, features: Tensor, old_means: Tensor) -> Tensor:
-        """CE((M M^T) / temperature, I) over M = [old class means; batch features], normalised."""
-        stacked = F.normalize(torch.cat([old_means, features]), dim=-1)
+        """CE((M M^T) / temperature, I) over M = [old class means; batch features].
+
+        As in the authors' code: raw (un-normalised) features, and in the first task, with
+        no old class yet, over the batch features alone.
+        """
+        stacked = torch.cat([old_means.to(features.dtype), features])
         logits = stacked @ stacked.T / self.config.contrastive_temperature
         return F.cross_entropy(logits, torch.arange(len(stacked), device=logits.device))
 
     # -- end of task: statistics, TII, TAP ------------------------------------------------
     def end_task(self, task: int, classes: list[int]) -> None:
         c = self.config
+        self.model.prompts.finish_task(task)  # momentum: the stored prompt is final now
         selection = self.model.prompts(task=task)
 
         def query_and_prompted(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -201,16 +212,18 @@ class HiDePrompt(CLStrategy):
         self.query_statistics.update(query, labels)
         self.prompted_statistics.update(prompted, labels)
         self.train_task_identity(query.to(self.device), labels.to(self.device), classes)
-        seen = self.seen_class_list
         if task > 0:
-            # consolidation on samples of every seen class, old and new
+            # consolidation on samples of every seen class, old and new; as in the authors'
+            # code, batches of 5 x batch_size samples, one step per old class per epoch
+            replay = {"samples_per_class": c.samples_per_class, "lr": c.replay_lr,
+                      "batch_size": c.samples_per_class, "device": self.device,
+                      "steps_per_epoch": sum(len(t) for t in self.task_classes[:task]),
+                      "allowed": self.seen_classes}
+            seen = self.seen_class_list
             train_on_samples(self.model.task_identity, self.query_statistics, seen,
-                             epochs=c.tii_align_epochs, samples_per_class=c.samples_per_class,
-                             lr=c.replay_lr, device=self.device, allowed=self.seen_classes)
+                             epochs=c.tii_align_epochs, **replay)
             train_on_samples(self.model.head, self.prompted_statistics, seen,
-                             epochs=c.tap_epochs, samples_per_class=c.samples_per_class,
-                             lr=c.replay_lr, device=self.device, allowed=self.seen_classes)
-        self.model.prompts.prompts[task].requires_grad_(False)
+                             epochs=c.tap_epochs, **replay)
 
     def train_task_identity(self, query: Tensor, labels: Tensor, classes: list[int]) -> None:
         """Cross-entropy over the task's classes on its (fixed) un-prompted features."""
