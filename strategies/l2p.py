@@ -45,7 +45,7 @@ class L2P(CLStrategy):
     Config = L2PConfig
     presets = {
         "quick": {"epochs": 1, "batch_size": 32},
-        "fewrel-offline": {"epochs": 2, "batch_size": 32, "lr": 0.01, "head_input": "pooled"},
+        "fewrel-offline": {"epochs": 1, "batch_size": 32, "lr": 0.01, "head_input": "pooled"},
         # a random tiny ViT: its prompt-token states carry little of the image, so the
         # classifier reads the [CLS] feature
         "digits-offline": {"epochs": 3, "batch_size": 32, "lr": 0.01, "head_input": "pooled"},
