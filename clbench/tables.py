@@ -69,6 +69,14 @@ METRICS: dict[str, Metric] = {
             True,
             "sample-weighted accuracy on all seen classes after the last task (CRE metric)",
         ),
+        Metric(
+            "tii",
+            "TII ↑",
+            True,
+            "task-identity accuracy after the last task, mean over tasks (methods that infer "
+            "the task: prompt / pool choice)",
+        ),
+        Metric("minutes", "Time (min) ↓", False, "training + evaluation time of the run"),
     )
 }
 
@@ -171,7 +179,8 @@ def setting_of(config: dict[str, Any]) -> dict[str, str]:
 
 RUN_COLUMNS = (
     "path", "scenario", "backbone", "strategy", "seed", "protocol", "state", "error",
-    "finished", "tasks", "faa", "caa", "ffm", "seen", "seen_curve", "setting_options",
+    "finished", "tasks", "faa", "caa", "ffm", "seen", "tii", "minutes", "seen_curve",
+    "setting_options",
     "matrix",
 )  # fmt: skip
 
@@ -214,7 +223,8 @@ def read_run(path: Path, *, with_matrix: bool = False) -> dict[str, Any]:
     except (OSError, ValueError) as error:
         record.update(state="unreadable", error=f"status.json: {error}")
         return record
-    needs_progress = with_matrix or record["state"] != AVERAGED_STATE
+    # progress.json also holds the strategies' per-evaluation extras (task identity)
+    needs_progress = True
     try:
         summary = _read_json(path / "metrics.json")
         seen_curve = tuple(float(a) for a in summary.get("seen_accuracy", ()))
@@ -226,6 +236,7 @@ def read_run(path: Path, *, with_matrix: bool = False) -> dict[str, Any]:
             seen_curve=seen_curve,
             finished=int(summary["experiences_finished"]),
             tasks=int(summary["experiences_finished"]),
+            minutes=(summary.get("train_seconds", 0.0) + summary.get("eval_seconds", 0.0)) / 60,
         )
     except FileNotFoundError:
         pass  # no experience finished yet
@@ -236,8 +247,10 @@ def read_run(path: Path, *, with_matrix: bool = False) -> dict[str, Any]:
         record.update(state="unreadable", error="complete, but metrics.json is missing")
     if needs_progress:
         try:
-            rows = [r["accuracy"] for r in _read_json(path / "progress.json")]
+            progress = _read_json(path / "progress.json")
+            rows = [r["accuracy"] for r in progress]
             matrix = np.asarray(rows, dtype=float)
+            record["tii"] = _final_task_identity(progress)
             if matrix.size:
                 record["tasks"] = int(matrix.shape[1])
                 record["finished"] = int(matrix.shape[0])
@@ -250,6 +263,16 @@ def read_run(path: Path, *, with_matrix: bool = False) -> dict[str, Any]:
     return record
 
 
+def _final_task_identity(progress: list[dict[str, Any]]) -> float:
+    """Mean over the learnt tasks of the last evaluation's task-identity accuracy (NaN
+    when the strategy does not infer tasks)."""
+    if not progress:
+        return math.nan
+    accuracy = (progress[-1].get("extra") or {}).get("task_identity_accuracy") or ()
+    seen = [float(a) for a in accuracy if a is not None]
+    return sum(seen) / len(seen) if seen else math.nan
+
+
 def load_runs(paths: Iterable[Path | str], *, with_matrix: bool = False) -> pd.DataFrame:
     """One row per run folder under ``paths`` (see ``RUN_COLUMNS``).
 
@@ -258,7 +281,7 @@ def load_runs(paths: Iterable[Path | str], *, with_matrix: bool = False) -> pd.D
     """
     records = [read_run(path, with_matrix=with_matrix) for path in find_run_folders(paths)]
     runs = pd.DataFrame.from_records(records, columns=list(RUN_COLUMNS))
-    for column in ("faa", "caa", "ffm", "seen"):
+    for column in ("faa", "caa", "ffm", "seen", "tii", "minutes"):
         runs[column] = runs[column].astype(float)
     # nullable integers: a run without a seed must not turn every seed into 1.0
     runs["seed"] = runs["seed"].astype("Int64")
@@ -380,7 +403,8 @@ def _metric_columns(runs: pd.DataFrame, options: TableOptions) -> list[str]:
         return list(options.metrics)
     averaged = runs[runs["averaged"]] if "averaged" in runs else runs
     show_seen = bool(averaged["scenario"].map(is_cre).any())
-    return ["faa", "caa", "ffm", *(["seen"] if show_seen else [])]
+    show_tii = bool(averaged["tii"].notna().any())
+    return ["faa", "caa", "ffm", *(["seen"] if show_seen else []), *(["tii"] if show_tii else [])]
 
 
 def summarise(runs: pd.DataFrame, options: TableOptions) -> pd.DataFrame:
