@@ -74,6 +74,14 @@ class QueryCache:
         order = torch.argsort(all_keys)
         self.keys, self.values = all_keys[order], all_values[order]
 
+    def forget(self, keys: Tensor) -> None:
+        """Drop the entries of ``keys`` (e.g. a finished task's training inputs, for a
+        method that must keep nothing per example of past data). Keys stay sorted."""
+        if self.values is None or len(self) == 0:
+            return
+        keep = ~torch.isin(self.keys, keys.to(self.keys.device))
+        self.keys, self.values = self.keys[keep], self.values[keep]
+
     def get_or_compute(self, x: Tensor, compute, *, insert: bool = True) -> Tensor:
         """Features of ``x``: cached rows looked up, the others computed (and cached)."""
         keys = self.fingerprint(x)

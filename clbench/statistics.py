@@ -173,16 +173,27 @@ def train_on_samples(
     logits_fn: Callable[[Tensor], Tensor] | None = None,
     allowed: Tensor | None = None,
     steps_per_epoch: int | None = None,
+    optimizer_name: Literal["sgd", "adam"] = "sgd",
 ) -> None:
     """(Re)train ``module`` on Gaussian samples of ``classes``: SGD with momentum, cosine.
 
     The recipe HiDe-Prompt uses for its task-adaptive head and its task-identity
     alignment; fresh samples every epoch. ``allowed`` (bool [num_classes]) masks the
-    logits to the seen classes.
+    logits to the seen classes. ``optimizer_name="adam"`` uses Adam instead of SGD (the
+    WAVE-CRE authors' code trains its heads on samples with Adam; momentum is then unused).
     """
     forward = logits_fn or module
     parameters = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if optimizer_name == "adam":
+        optimizer: torch.optim.Optimizer = torch.optim.Adam(
+            parameters, lr=lr, weight_decay=weight_decay
+        )
+    elif optimizer_name == "sgd":
+        optimizer = torch.optim.SGD(
+            parameters, lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+    else:
+        raise ValueError(f"unknown optimizer {optimizer_name!r}; valid: sgd, adam")
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
     module.train()
     for _ in range(epochs):

@@ -335,7 +335,7 @@ def test_reference_files_hold_the_published_numbers() -> None:
     assert values[("fewrel", "WAVE-CRE")] == 85.0 and values[("tacred", "RP-CRE")] == 72.4
     assert values[("split-cifar100", "DualPrompt")] == 86.51
     assert values[("imagenet-r", "CODA-P")] == 75.45
-    assert len(reference) == 16
+    assert len(reference) == 186  # WAVE-CRE Table 1: 2 datasets x 9 methods x 10 tasks
 
 
 def test_bad_reference_file_is_a_usage_error(tmp_path: Path) -> None:
@@ -371,3 +371,31 @@ def test_table_command_imports_no_torch(results: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "| digits-offline |" in done.stdout
+
+
+def test_task_identity_and_time_columns(tmp_path: Path) -> None:
+    # hide-prompt-like runs report task-identity accuracy per test experience after each
+    # task (None for tasks not learnt yet); the table averages the last row's seen tasks
+    for seed, identity in ((0, [90.0, 70.0]), (1, [80.0, 60.0])):
+        run = make_run(tmp_path, "fewrel-offline", "hide-prompt", seed, [[90, 0], [80, 70]])
+        progress = json.loads((run / "progress.json").read_text())
+        progress[0]["extra"] = {"task_identity_accuracy": [100.0, None]}
+        progress[1]["extra"] = {"task_identity_accuracy": identity}
+        (run / "progress.json").write_text(json.dumps(progress))
+    make_run(tmp_path, "fewrel-offline", "l2p", 0, [[90, 0], [60, 70]])
+    runs = tables.load_runs([tmp_path])
+    hide = runs[runs["strategy"] == "hide-prompt"].sort_values("seed")
+    assert hide["tii"].tolist() == [80.0, 70.0]
+    assert runs[runs["strategy"] == "l2p"]["tii"].isna().all()
+    # make_run's files say 1 s of training and 0.1 s of evaluation per task
+    assert runs["minutes"].tolist() == pytest.approx([2.2 / 60] * 3)
+    def table(**options: object) -> str:
+        request = tables.TableRequest(paths=[tmp_path], options=tables.TableOptions(**options))
+        return tables.render(tables.build_tables(request), "markdown")
+
+    text = table(metrics=("faa", "tii", "minutes"))
+    hide_row = next(line for line in text.splitlines() if "hide-prompt" in line)
+    assert "75.00 ± 7.07" in hide_row
+    assert "TII ↑" in text and "Time (min) ↓" in text
+    # shown by default once a strategy reports it
+    assert "TII ↑" in table()
