@@ -156,7 +156,7 @@ def build_components(config: dict[str, Any]) -> tuple[CLStrategy, Any]:
     strategy = strategy_class(
         encoder=encoder, num_classes=scenario.num_classes,
         config=strategy_class.Config(**config["strategy_options"]),
-        device=config["device"], plugins=[EpochProgress()],
+        device=config["device"], plugins=[EpochProgress()], class_names=scenario.class_names,
     )
     return strategy, scenario
 

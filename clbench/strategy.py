@@ -20,6 +20,9 @@ plugins, loggers) as well as under ``clbench run``.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -53,9 +56,14 @@ class StrategyConfig(Options):
         "constant", "learning-rate schedule over each experience's epochs (stepped per epoch)"
     )
     lr_step_epoch: int = option(0, "with lr_schedule=step: multiply the lr by 0.1 after this epoch")
-    num_workers: int = option(0, "data-loader worker processes")
+    num_workers: int = option(
+        -1, "data-loader worker processes (-1: auto = min(8, CPU cores - 1) on a GPU, 0 on a CPU)"
+    )
     cache_queries: bool = option(
         True, "compute each input's un-prompted query feature once and reuse it"
+    )
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "forward passes in fp32 or under bf16 autocast (auto: bf16 on a GPU that has it)"
     )
 
 
@@ -113,6 +121,41 @@ class EpochProgress(SupervisedPlugin):
         )
 
 
+def resolve_num_workers(num_workers: int, device: torch.device) -> int:
+    """Loader workers for ``num_workers`` (-1 = auto) on ``device``.
+
+    On a GPU the model outruns a single loading process (decoding, resizing, augmenting
+    224-px images), so auto uses workers; on a CPU they would compete with the model
+    for the same cores, so auto uses none.
+    """
+    if num_workers >= 0:
+        return num_workers
+    if num_workers != -1:
+        raise UsageError(f"num_workers must be >= 0, or -1 for auto; got {num_workers}")
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``; None for plain fp32.
+
+    bf16 keeps fp32's exponent range, so no loss scaling is needed, and autocast keeps
+    softmax, layer norm and the losses in fp32. auto means bf16 only on a GPU that has
+    fast bf16 (on a CPU it is usually slower than fp32 and changes results for nothing).
+    """
+    if precision == "fp32":
+        return None
+    has_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return torch.bfloat16 if has_bf16 else None
+    if precision == "bf16":
+        if device.type == "cuda" and not has_bf16:
+            raise UsageError("precision=bf16: this GPU has no bf16 support; use fp32")
+        return torch.bfloat16
+    raise UsageError(f"unknown precision {precision!r}; valid choices: auto, fp32, bf16")
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, config: StrategyConfig) -> Any:
     """The per-epoch learning-rate schedule of ``config`` (None for a constant rate)."""
     if config.lr_schedule == "cosine":
@@ -142,13 +185,23 @@ class CLStrategy(SupervisedTemplate):
         device: str | torch.device = "cpu",
         plugins: list[Any] | None = None,
         evaluator: Any = quiet_evaluator,
+        class_names: list[str] | None = None,
     ) -> None:
         config = config if config is not None else self.Config()
         if not isinstance(config, self.Config):
             raise UsageError(f"{type(self).__name__} takes a {self.Config.__name__}")
-        self.config = config
+        # auto settings resolved for this device once, so every loader reads a plain count
+        workers = resolve_num_workers(config.num_workers, torch.device(device))
+        self.config = dataclasses.replace(config, num_workers=workers)
+        self.amp_dtype = resolve_precision(config.precision, torch.device(device))
         self.encoder = encoder.freeze()
         self.num_classes = num_classes
+        # the scenario's class names (the run loop passes them; e.g. a label taxonomy file
+        # names classes); by default the class ids as text
+        self.class_names = list(class_names) if class_names is not None else [
+            str(c) for c in range(num_classes)]
+        if len(self.class_names) != num_classes:
+            raise UsageError(f"{len(self.class_names)} class names for {num_classes} classes")
         self.current_task = -1
         self.current_classes: list[int] = []
         self.task_classes: list[list[int]] = []
@@ -228,6 +281,13 @@ class CLStrategy(SupervisedTemplate):
         insert = not self.is_training or self.encoder.modality == "text"
         return self.query_cache.get_or_compute(x, self.encoder.query, insert=insert)
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on the strategy's device when ``precision`` asks for it, else a
+        no-op; ``forward`` runs in it, and end-of-task feature passes may use it too."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
     @property
     def current_class_mask(self) -> Tensor:
         mask = torch.zeros(self.num_classes, dtype=torch.bool, device=self.device)
@@ -278,10 +338,15 @@ class CLStrategy(SupervisedTemplate):
             self.scheduler.step()
 
     def forward(self) -> Tensor:
-        if self.is_training:
-            self.auxiliary_loss = None
-            return self.train_logits(self.mb_x)
-        return self.predict(self.mb_x)
+        with self.autocast():
+            if self.is_training:
+                self.auxiliary_loss = None
+                logits = self.train_logits(self.mb_x)
+            else:
+                logits = self.predict(self.mb_x)
+        # losses and argmax in fp32 (a no-op without autocast); backward runs outside
+        # autocast, as torch recommends
+        return logits.float()
 
     def criterion(self) -> Tensor:
         if self.is_training:
@@ -298,6 +363,9 @@ class CLStrategy(SupervisedTemplate):
 
     def train(self, experiences: Any, eval_streams: Any = None, **kwargs: Any) -> Any:
         kwargs.setdefault("num_workers", self.config.num_workers)
+        # workers live across the epochs of an experience instead of restarting each epoch
+        # (Avalanche already pins memory when the device is a GPU)
+        kwargs.setdefault("persistent_workers", kwargs["num_workers"] > 0)
         # evaluation is the run loop's job; [] keeps Avalanche from evaluating per epoch
         return super().train(experiences, eval_streams=eval_streams or [], **kwargs)
 

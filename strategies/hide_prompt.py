@@ -132,7 +132,7 @@ HIDE_PRESETS: dict[str, dict[str, Any]] = {
     "digits-offline": {"epochs": 3, "batch_size": 32, "lr": 0.01, "lr_schedule": "constant",
                        "num_tasks": 5, "tii_epochs": 10, "tii_align_epochs": 10,
                        "tap_epochs": 10, "samples_per_class": 160},
-    "fewrel-offline": {"epochs": 2, "batch_size": 32, "lr": 0.01, "lr_schedule": "constant",
+    "fewrel-offline": {"epochs": 1, "batch_size": 32, "lr": 0.01, "lr_schedule": "constant",
                        "num_tasks": 4, "samples_per_class": 160},
     "split-cifar100": {},  # the defaults are the authors' CIFAR setting
     "imagenet-r": {"epochs": 150, "lr_schedule": "cosine", "prompt_length": 20,
@@ -161,6 +161,8 @@ class HiDePrompt(CLStrategy):
         statistics = {"shrinkage": c.shrinkage, "num_centroids": c.num_centroids}
         self.query_statistics = ClassStatistics(encoder.feature_dim, c.statistics, **statistics)
         self.prompted_statistics = ClassStatistics(encoder.feature_dim, c.statistics, **statistics)
+        # the prompted features of the last training or test batch
+        self.batch_features: Tensor | None = None
         self._identity_hits: dict[int, Tensor] = {}
         self._identity_counts: dict[int, int] = {}
 
@@ -180,6 +182,7 @@ class HiDePrompt(CLStrategy):
     def train_logits(self, x: Tensor) -> Tensor:
         selection = self.model.prompts(task=self.current_task, train=True)
         features = self.encoder(x, selection.prompt).pooled
+        self.batch_features = features  # subclasses add losses on them (hier-ot)
         if self.config.contrastive_weight > 0:
             old_classes = [c for classes in self.task_classes[: self.current_task] for c in classes]
             old_means = self.prompted_statistics.class_means(old_classes, self.device)
@@ -258,7 +261,8 @@ class HiDePrompt(CLStrategy):
         query = self.query(x)
         inferred = lookup[self.mask_unseen(self.model.task_identity(query)).argmax(1)]
         selection = self.model.prompts(task=inferred)
-        logits = self.mask_unseen(self.model.head(self.encoder(x, selection.prompt).pooled))
+        self.batch_features = self.encoder(x, selection.prompt).pooled
+        logits = self.mask_unseen(self.model.head(self.batch_features))
         # during Avalanche's evaluation loop, also score the inferred task identities
         if not self.is_training and self.mbatch is not None and self.mbatch[0] is x:
             index = int(self.experience.current_experience)

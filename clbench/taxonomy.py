@@ -1,0 +1,335 @@
+"""Label trees over the classes seen so far: leaf groups are classes that are easily confused.
+
+The hierarchical-OT method (arXiv 2410.04327) regularises features within each leaf group of
+a label taxonomy. A tree comes from one of three places:
+
+- a file the user writes (JSON or YAML): nested groups of class names, e.g.
+  ``{"animals": {"mammals": ["bear", "fox"], "fish": ["trout", "shark"]}, "plants": [...]}``;
+  a mapping names its groups, a list of names is a leaf group, a list of groups is a group
+  of unnamed subgroups. It must name every class of the scenario and nothing else; the
+  tree used at a task is the file's tree restricted to the classes seen so far, so it grows
+  task by task (the authors' LLM-written trees grow the same way).
+- a data set's own hierarchy: CIFAR-100's 20 superclasses (:func:`cifar100_superclasses`).
+- automatic: agglomerative clustering (scipy) of the seen classes with their OT distances
+  as the metric (:func:`cluster_taxonomy`); the dendrogram cut into leaf groups.
+
+``python -m clbench.taxonomy RUN_DIR`` prints the tree a hier-ot run used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from clbench.errors import UsageError
+
+# CIFAR-100's 20 coarse labels and their fine labels, as the data set ships them
+# (the `coarse_label_names` of cifar-100-python/meta, fine names as in `fine_label_names`).
+CIFAR100_SUPERCLASSES: dict[str, list[str]] = {
+    "aquatic_mammals": ["beaver", "dolphin", "otter", "seal", "whale"],
+    "fish": ["aquarium_fish", "flatfish", "ray", "shark", "trout"],
+    "flowers": ["orchid", "poppy", "rose", "sunflower", "tulip"],
+    "food_containers": ["bottle", "bowl", "can", "cup", "plate"],
+    "fruit_and_vegetables": ["apple", "mushroom", "orange", "pear", "sweet_pepper"],
+    "household_electrical_devices": ["clock", "keyboard", "lamp", "telephone", "television"],
+    "household_furniture": ["bed", "chair", "couch", "table", "wardrobe"],
+    "insects": ["bee", "beetle", "butterfly", "caterpillar", "cockroach"],
+    "large_carnivores": ["bear", "leopard", "lion", "tiger", "wolf"],
+    "large_man-made_outdoor_things": ["bridge", "castle", "house", "road", "skyscraper"],
+    "large_natural_outdoor_scenes": ["cloud", "forest", "mountain", "plain", "sea"],
+    "large_omnivores_and_herbivores": ["camel", "cattle", "chimpanzee", "elephant", "kangaroo"],
+    "medium_mammals": ["fox", "porcupine", "possum", "raccoon", "skunk"],
+    "non-insect_invertebrates": ["crab", "lobster", "snail", "spider", "worm"],
+    "people": ["baby", "boy", "girl", "man", "woman"],
+    "reptiles": ["crocodile", "dinosaur", "lizard", "snake", "turtle"],
+    "small_mammals": ["hamster", "mouse", "rabbit", "shrew", "squirrel"],
+    "trees": ["maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"],
+    "vehicles_1": ["bicycle", "bus", "motorcycle", "pickup_truck", "train"],
+    "vehicles_2": ["lawn_mower", "rocket", "streetcar", "tank", "tractor"],
+}
+
+
+@dataclass
+class TaxonomyNode:
+    """A group: internal (``children``) or a leaf group (``classes``, class ids)."""
+
+    name: str
+    children: list[TaxonomyNode] = field(default_factory=list)
+    classes: list[int] = field(default_factory=list)
+
+    @property
+    def is_leaf(self) -> bool:
+        return not self.children
+
+    def leaves(self) -> list[TaxonomyNode]:
+        if self.is_leaf:
+            return [self]
+        return [leaf for child in self.children for leaf in child.leaves()]
+
+    def restricted(self, keep: set[int]) -> TaxonomyNode | None:
+        """This subtree with only the classes in ``keep``; None when nothing is left."""
+        if self.is_leaf:
+            classes = [c for c in self.classes if c in keep]
+            return TaxonomyNode(self.name, classes=classes) if classes else None
+        children = [c for c in (child.restricted(keep) for child in self.children) if c is not None]
+        return TaxonomyNode(self.name, children=children) if children else None
+
+    def to_state(self) -> dict[str, Any]:
+        if self.is_leaf:
+            return {"name": self.name, "classes": list(self.classes)}
+        return {"name": self.name, "children": [child.to_state() for child in self.children]}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> TaxonomyNode:
+        children = [cls.from_state(child) for child in state.get("children", [])]
+        return cls(state["name"], children=children, classes=list(state.get("classes", [])))
+
+
+@dataclass
+class Taxonomy:
+    """A label tree; ``source`` says where it came from (file path, superclasses, clustering)."""
+
+    root: TaxonomyNode
+    source: str
+
+    def leaf_groups(self) -> list[list[int]]:
+        return [list(leaf.classes) for leaf in self.root.leaves()]
+
+    @property
+    def classes(self) -> list[int]:
+        return sorted(c for group in self.leaf_groups() for c in group)
+
+    def group_index(self, num_classes: int) -> Tensor:
+        """[num_classes] leaf-group index of every class; -1 for classes not in the tree."""
+        index = torch.full((num_classes,), -1, dtype=torch.long)
+        for group, classes in enumerate(self.leaf_groups()):
+            index[classes] = group
+        return index
+
+    def restricted(self, classes: Sequence[int]) -> Taxonomy:
+        """The tree over ``classes`` only (empty groups dropped), e.g. the classes seen so far."""
+        keep = set(classes)
+        missing = sorted(keep - set(self.classes))
+        if missing:
+            raise KeyError(f"classes {missing} are not in the taxonomy")
+        root = self.root.restricted(keep)
+        assert root is not None
+        return Taxonomy(root, self.source)
+
+    def render(self, class_names: Sequence[str]) -> str:
+        """The tree as indented text, one group per line, leaf groups with their classes."""
+        groups = self.leaf_groups()
+        lines = [f"label tree ({self.source}): {sum(map(len, groups))} classes in "
+                 f"{len(groups)} leaf groups"]
+
+        def visit(node: TaxonomyNode, prefix: str, last: bool, top: bool) -> None:
+            branch = "" if top else ("└─ " if last else "├─ ")
+            if node.is_leaf:
+                names = ", ".join(class_names[c] for c in node.classes)
+                lines.append(f"{prefix}{branch}{node.name}: {names}")
+                return
+            lines.append(f"{prefix}{branch}{node.name}")
+            inner = prefix if top else prefix + ("   " if last else "│  ")
+            for i, child in enumerate(node.children):
+                visit(child, inner, i == len(node.children) - 1, False)
+
+        visit(self.root, "", True, True)
+        return "\n".join(lines)
+
+    def to_names(self, class_names: Sequence[str]) -> Any:
+        """The tree in the file format (nested groups of class names): it loads back."""
+
+        def convert(node: TaxonomyNode) -> Any:
+            if node.is_leaf:
+                return [class_names[c] for c in node.classes]
+            return {child.name: convert(child) for child in node.children}
+
+        return convert(self.root) if not self.root.is_leaf else {self.root.name: convert(self.root)}
+
+    def to_state(self) -> dict[str, Any]:
+        return {"source": self.source, "root": self.root.to_state()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Taxonomy:
+        return cls(TaxonomyNode.from_state(state["root"]), state["source"])
+
+
+# ---------------------------------------------------------------------------- from a file
+def load_taxonomy_file(path: str | Path, class_names: Sequence[str]) -> Taxonomy:
+    """A taxonomy file (JSON, or YAML) over the classes named ``class_names``.
+
+    Raises a UsageError naming what is wrong: the file is missing or unreadable, a group is
+    malformed or empty, a class is listed twice, names are unknown, classes are missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"taxonomy file {path} does not exist (valid taxonomy values: auto, "
+                         f"cifar100-superclasses, or the path of a JSON / YAML file)")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() == ".json":
+            content = json.loads(text)
+        else:
+            import yaml
+
+            content = yaml.safe_load(text)
+    except Exception as error:  # json.JSONDecodeError, yaml.YAMLError: say which file
+        raise UsageError(f"taxonomy file {path} is not valid "
+                         f"{'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {error}") from None
+    return taxonomy_from_names(content, class_names, source=f"file {path}")
+
+
+def taxonomy_from_names(content: Any, class_names: Sequence[str], *, source: str) -> Taxonomy:
+    """Parse nested groups of class names (see the module docstring) and check them."""
+    ids = {name: index for index, name in enumerate(class_names)}
+    problems: list[str] = []
+    seen_at: dict[str, str] = {}
+    unknown: list[str] = []
+
+    def parse(node: Any, name: str, where: str) -> TaxonomyNode | None:
+        if isinstance(node, dict):
+            if not node:
+                problems.append(f"group {where} is empty")
+                return None
+            children = [parse(child, str(key), f"{where}/{key}") for key, child in node.items()]
+            return TaxonomyNode(name, children=[c for c in children if c is not None])
+        if isinstance(node, list):
+            if not node:
+                problems.append(f"group {where} is empty")
+                return None
+            scalars = [item for item in node if isinstance(item, (str, int)) and not isinstance(item, bool)]
+            if len(scalars) == len(node):
+                classes = []
+                for item in scalars:
+                    label = str(item)
+                    if label in seen_at:
+                        problems.append(f"class {label!r} is listed twice ({seen_at[label]} and {where})")
+                    seen_at[label] = where
+                    if label not in ids:
+                        unknown.append(label)
+                    else:
+                        classes.append(ids[label])
+                return TaxonomyNode(name, classes=classes)
+            if scalars:
+                problems.append(f"group {where} mixes class names and subgroups; put the "
+                                f"names {scalars} in a subgroup of their own")
+                return None
+            children = [parse(child, f"{name}.{i + 1}", f"{where}[{i}]") for i, child in enumerate(node)]
+            return TaxonomyNode(name, children=[c for c in children if c is not None])
+        problems.append(f"{where} is a {type(node).__name__} ({node!r}); expected a mapping of "
+                        f"groups or a list of class names")
+        return None
+
+    if not isinstance(content, (dict, list)):
+        raise UsageError(f"taxonomy ({source}) must be a mapping of groups or a list; got "
+                         f"{type(content).__name__}")
+    root = parse(content, "root", "root")
+    if unknown:
+        problems.append(f"unknown class names {unknown} (valid names: {_preview(class_names)})")
+    missing = [name for name in class_names if name not in seen_at]
+    if missing:
+        problems.append(f"classes of the scenario missing from the tree: {missing}")
+    if problems:
+        raise UsageError(f"bad taxonomy ({source}): " + "; ".join(problems))
+    assert root is not None
+    return Taxonomy(root, source)
+
+
+def _preview(names: Sequence[str], limit: int = 20) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+# --------------------------------------------------------------------- a data set's own
+def cifar100_superclasses(class_names: Sequence[str]) -> Taxonomy:
+    """CIFAR-100's 20 superclasses over the scenario's class ids (matched by fine name)."""
+    fine = [name for names in CIFAR100_SUPERCLASSES.values() for name in names]
+    if sorted(class_names) != sorted(fine):
+        lacking = sorted(set(fine) - set(class_names))[:10]
+        raise UsageError("taxonomy=cifar100-superclasses needs the CIFAR-100 classes (scenario "
+                         f"split-cifar100); this scenario's classes lack e.g. {lacking}")
+    return taxonomy_from_names(CIFAR100_SUPERCLASSES, class_names, source="CIFAR-100 superclasses")
+
+
+# ------------------------------------------------------------------------------ automatic
+def cluster_taxonomy(distances: Tensor, classes: Sequence[int], num_groups: int,
+                     linkage: str = "average") -> Taxonomy:
+    """Agglomerative clustering of ``classes`` under the distance matrix ``distances``.
+
+    The full dendrogram is the tree; it is cut into at most ``num_groups`` leaf groups
+    (scipy's ``fcluster(maxclust)``), each a subtree whose classes are never split. Internal
+    nodes are named by the height of their merge.
+    """
+    from scipy.cluster import hierarchy
+    from scipy.spatial.distance import squareform
+
+    valid = ("average", "complete", "single", "weighted")
+    if linkage not in valid:
+        raise UsageError(f"unknown linkage {linkage!r}; valid choices: {', '.join(valid)}")
+    classes = list(classes)
+    source = f"{linkage}-linkage clustering of OT distances"
+    if len(classes) <= 1 or num_groups <= 1:
+        return Taxonomy(TaxonomyNode("group 1", classes=sorted(classes)), source)
+    matrix = distances.double().cpu().numpy().copy()
+    matrix = (matrix + matrix.T) / 2
+    matrix[range(len(classes)), range(len(classes))] = 0.0
+    merges = hierarchy.linkage(squareform(matrix, checks=False), method=linkage)
+    flat = hierarchy.fcluster(merges, t=min(num_groups, len(classes)), criterion="maxclust")
+    counter = iter(range(1, len(classes) + 1))
+
+    def build(node: Any) -> TaxonomyNode:
+        members = node.pre_order()
+        if len({int(flat[m]) for m in members}) == 1:
+            return TaxonomyNode(f"group {next(counter)}", classes=sorted(classes[m] for m in members))
+        children = [build(node.get_left()), build(node.get_right())]
+        return TaxonomyNode(f"merged at {node.dist:.4g}", children=children)
+
+    return Taxonomy(build(hierarchy.to_tree(merges)), source)
+
+
+def number_of_groups(num_classes: int, group_size: float) -> int:
+    """Leaf groups for the automatic tree: about ``group_size`` classes each."""
+    return max(1, math.ceil(num_classes / max(group_size, 1e-9)))
+
+
+# ------------------------------------------------------------------------------ printing
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the label tree (and the class distances) of a hier-ot run folder."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m clbench.taxonomy",
+                                     description="Print the label tree a hier-ot run used.")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--experience", type=int, default=-1,
+                        help="after which experience (default: the last finished)")
+    parser.add_argument("--distances", action="store_true", help="also print the class distances")
+    args = parser.parse_args(argv)
+    progress = args.run_dir / "progress.json"
+    if not progress.is_file():
+        parser.error(f"{args.run_dir} has no progress.json (not a clbench run folder?)")
+    records = json.loads(progress.read_text())
+    if not records:
+        parser.error(f"{args.run_dir}: no finished experience yet")
+    extra = records[args.experience].get("extra", {})
+    if "taxonomy" not in extra:
+        parser.error(f"{args.run_dir}: the run recorded no label tree (not a hier-ot run?)")
+    print(extra["taxonomy"]["text"])
+    if args.distances and extra.get("class_distances"):
+        table = extra["class_distances"]
+        names = table["names"]
+        width = max(len(n) for n in names)
+        print(f"\nOT class distances ({table['solver']}):")
+        for name, row in zip(names, table["matrix"]):
+            print(f"{name:>{width}}  " + " ".join(f"{v:9.4g}" for v in row))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
