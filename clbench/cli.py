@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("-o", "--output", type=Path, metavar="FILE",
                        help="write to FILE instead of standard output")
     table.add_argument("--metrics", metavar="LIST",
-                       help="columns among faa,caa,ffm,seen (default: faa,caa,ffm, and seen when "
-                       "a relation extraction scenario is in the table)")
+                       help="columns among faa,caa,ffm,seen,tii,minutes (default: faa,caa,ffm; "
+                       "seen when a relation extraction scenario is in the table; tii (task-"
+                       "identity accuracy) when a strategy reports it)")
     table.add_argument("--sort", metavar="COLUMN",
                        help="order rows within a scenario by a metric (faa, caa, ffm, seen), "
                        "seeds, or a key (default: by scenario, backbone, strategy)")
@@ -167,6 +168,54 @@ def build_parser() -> argparse.ArgumentParser:
                         help="published numbers (*.csv; default: results/reference)")
     report.add_argument("--no-reference", action="store_true",
                         help="leave out the published numbers")
+    sweep = commands.add_parser(
+        "sweep", help="a grid of runs: skip complete ones, resume the rest, locally or on Ray",
+        description="Expand a grid (SWEEP.yaml, or --strategy / --scenario / --seed ...),\n"
+        "validate every point before anything runs, then run what is not complete yet:\n"
+        "each run in its own process, in OUT/<scenario>/<strategy>/<backbone>_seed<N>_<hash>\n"
+        "(the hash covers the resolved options). Rerunning skips complete runs and resumes\n"
+        "the others from their last finished experience.",
+        epilog="examples:\n  clbench sweep scripts/sweeps/offline-smoke.yaml --jobs 2\n"
+        "  clbench sweep scripts/sweeps/offline-smoke.yaml --status\n"
+        "  clbench sweep -s l2p -s seq-ft -c digits-offline --seed 0,1 --preset quick "
+        "--out results/smoke\n"
+        "  clbench sweep scripts/sweeps/cre.yaml --backend ray --ray-address HEAD:6379 "
+        "--gpus-per-run 1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("file", nargs="?", type=Path, metavar="SWEEP.yaml",
+                       help="the grid (see scripts/sweeps/); or give it with the flags below")
+    for short, name, what in (("-s", "strategy", "strategies"), ("-c", "scenario", "scenarios"),
+                              ("-b", "backbone", "backbones, default: each scenario's"),
+                              (None, "seed", "seeds, default 0"),
+                              (None, "preset", "presets, default auto")):
+        flags = [short, f"--{name}"] if short else [f"--{name}"]
+        sweep.add_argument(*flags, dest=f"sweep_{name}", action="append", default=[],
+                           metavar="SEEDS" if name == "seed" else "NAMES",
+                           help=f"grid axis: {what} (comma list or repeated)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override an option in every run (repeatable; adds to a file's set)")
+    sweep.add_argument("--out", type=Path, metavar="DIR",
+                       help="results root (default: the file's out, else ./results or "
+                       "$CLBENCH_RESULTS); on Ray a path every node sees")
+    sweep.add_argument("--device", help="auto | cpu | cuda (default: the file's, else auto)")
+    sweep.add_argument("--data-root", type=Path, help="where data sets live (also $CLBENCH_DATA)")
+    sweep.add_argument("--backend", default="local", help="local (default) or ray")
+    sweep.add_argument("-j", "--jobs", type=int, default=1,
+                       help="local: runs at a time, each with cores // N torch threads and its "
+                       "own GPU (default 1: one after another)")
+    sweep.add_argument("--ray-address", metavar="ADDR",
+                       help="ray: the cluster (HOST:PORT or auto; default: $RAY_ADDRESS, a "
+                       "cluster started here, else a new local one)")
+    sweep.add_argument("--cpus-per-run", type=float, metavar="N", help="ray: CPUs each run reserves (default 1)")
+    sweep.add_argument("--gpus-per-run", type=float, metavar="N", help="ray: GPUs each run reserves (default 0)")
+    sweep.add_argument("--max-retries", type=int, metavar="N",
+                       help="retries of a run whose process or worker was killed (default 2)")
+    sweep.add_argument("--progress-every", type=float, default=30.0, metavar="SECONDS",
+                       help="seconds between progress lines (default 30)")
+    sweep.add_argument("--status", action="store_true",
+                       help="only show which runs are done, running, failed (with the error) "
+                       "or pending")
     return parser
 
 
@@ -342,12 +391,27 @@ def command_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_sweep(args: argparse.Namespace) -> int:
+    from clbench.sweep import SweepCommand, sweep_command
+
+    return sweep_command(SweepCommand(
+        file=args.file, strategies=_names(args.sweep_strategy),
+        scenarios=_names(args.sweep_scenario), seeds=_names(args.sweep_seed),
+        backbones=_names(args.sweep_backbone), presets=_names(args.sweep_preset),
+        overrides=args.overrides, out=args.out, device=args.device, data_root=args.data_root,
+        jobs=args.jobs, backend=args.backend, ray_address=args.ray_address,
+        cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
+        max_retries=args.max_retries, status=args.status, progress_every=args.progress_every,
+    ))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"list": command_list, "run": command_run, "show": command_show,
                 "download": command_download}
     handlers.update(table=command_table, plot=command_plot, report=command_report)
+    handlers.update(sweep=command_sweep)
     try:
         return handlers[args.command](args)
     except UsageError as error:
