@@ -62,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
                                description="Print the accuracy matrix and the metrics of one run.")
     show.add_argument("run_dir", type=Path)
 
+    tree = commands.add_parser(
+        "tree", help="print the label tree (and OT class distances) a hier-ot run used",
+        description="Print the label tree a hier-ot run built or loaded, as saved after "
+        "each experience, and optionally its OT class-distance matrix.")
+    tree.add_argument("run_dir", type=Path)
+    tree.add_argument("--experience", type=int, default=-1,
+                      help="after which experience (default: the last finished)")
+    tree.add_argument("--distances", action="store_true", help="also print the class distances")
+
     fetch = commands.add_parser(
         "download", help="download (and verify) the data a scenario needs",
         description="Download, checksum and extract a scenario's data into the data root. "
@@ -272,6 +281,13 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_tree(args: argparse.Namespace) -> int:
+    from clbench.taxonomy import main as print_tree
+
+    options = [str(args.run_dir), "--experience", str(args.experience)]
+    return print_tree(options + (["--distances"] if args.distances else []))
+
+
 def command_show(args: argparse.Namespace) -> int:
     from clbench.results import RunFolder
 
@@ -411,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"list": command_list, "run": command_run, "show": command_show,
                 "download": command_download}
     handlers.update(table=command_table, plot=command_plot, report=command_report)
-    handlers.update(sweep=command_sweep)
+    handlers.update(sweep=command_sweep, tree=command_tree)
     try:
         return handlers[args.command](args)
     except UsageError as error:

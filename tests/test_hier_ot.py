@@ -352,6 +352,8 @@ def test_a_digits_run_records_the_tree_and_the_distances(tmp_path, capsys):
     assert print_tree([str(folder.path), "--distances"]) == 0
     printed = capsys.readouterr().out
     assert "label tree" in printed and "OT class distances (emd)" in printed
+    assert main(["tree", str(folder.path), "--distances"]) == 0  # the same through the CLI
+    assert capsys.readouterr().out == printed
 
 
 def test_a_bad_taxonomy_stops_a_cli_run_with_one_line(tmp_path, capsys):
