@@ -428,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
                 "download": command_download}
     handlers.update(table=command_table, plot=command_plot, report=command_report)
     handlers.update(sweep=command_sweep, tree=command_tree)
+    # --data-root reaches the scenarios through $CLBENCH_DATA; restore it afterwards so
+    # that an in-process call (a notebook, a test) leaves the caller's environment as it was
+    data_root_before = os.environ.get("CLBENCH_DATA")
     try:
         return handlers[args.command](args)
     except UsageError as error:
@@ -435,6 +438,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        if data_root_before is None:
+            os.environ.pop("CLBENCH_DATA", None)
+        else:
+            os.environ["CLBENCH_DATA"] = data_root_before
 
 
 if __name__ == "__main__":

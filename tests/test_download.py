@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickle
 import tarfile
 import threading
@@ -387,3 +388,13 @@ def test_cli_download_needs_a_known_scenario(capsys):
     assert code == 2 and "split-cifar100" in err
     code, out, _ = run_cli(["download", "digits-offline"], capsys)
     assert code == 0 and "nothing to download" in out
+
+
+def test_data_root_option_leaves_the_environment_as_it_was(tmp_path, capsys, monkeypatch):
+    # an in-process `clbench ... --data-root` must not redirect later callers' data root
+    monkeypatch.delenv("CLBENCH_DATA", raising=False)
+    run_cli(["download", "tacred", "--data-root", str(tmp_path)], capsys)
+    assert "CLBENCH_DATA" not in os.environ
+    monkeypatch.setenv("CLBENCH_DATA", "/somewhere")
+    run_cli(["download", "tacred", "--data-root", str(tmp_path)], capsys)
+    assert os.environ["CLBENCH_DATA"] == "/somewhere"
