@@ -62,6 +62,11 @@ class StrategyConfig(Options):
     cache_queries: bool = option(
         True, "compute each input's un-prompted query feature once and reuse it"
     )
+    cache_train_queries: bool = option(
+        False, "also cache training images' queries, so later epochs skip the query pass: "
+        "exact, and worth it, only when the training stream is not augmented (a scenario's "
+        "augment=false); text queries are always cached"
+    )
     precision: Literal["auto", "fp32", "bf16"] = option(
         "auto", "forward passes in fp32 or under bf16 autocast (auto: bf16 on a GPU that has it)"
     )
@@ -274,11 +279,14 @@ class CLStrategy(SupervisedTemplate):
         """The frozen encoder's un-prompted feature of ``x``, from the cache when seen before.
 
         Inputs are cached when they cannot be augmented views: always at evaluation, and
-        while training on text (our text scenarios have no augmentation).
+        while training on text (our text scenarios have no augmentation) or on images with
+        ``cache_train_queries`` (for un-augmented streams: an augmented view is new at every
+        epoch, so caching it would only fill memory). Lookups are exact either way.
         """
         if not self.config.cache_queries:
             return self.encoder.query(x)
-        insert = not self.is_training or self.encoder.modality == "text"
+        insert = (not self.is_training or self.encoder.modality == "text"
+                  or self.config.cache_train_queries)
         return self.query_cache.get_or_compute(x, self.encoder.query, insert=insert)
 
     def autocast(self) -> contextlib.AbstractContextManager:

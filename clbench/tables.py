@@ -384,8 +384,9 @@ def _setting_labels(settings: pd.Series) -> pd.Series:
     distinct = {text: json.loads(text) for text in settings.unique()}
     keys = sorted({key for options in distinct.values() for key in options})
     varying = [k for k in keys if len({options.get(k) for options in distinct.values()}) > 1]
+    # a key missing from a run's options: the run predates the option (its default then)
     labels = {
-        text: ", ".join(f"{k}={json.loads(o[k]) if k in o else '(unset)'}" for k in varying)
+        text: ", ".join(f"{k}={json.loads(o[k]) if k in o else '(not recorded)'}" for k in varying)
         for text, o in distinct.items()
     }
     return settings.map(labels)

@@ -321,6 +321,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "taxonomy" not in extra:
         parser.error(f"{args.run_dir}: the run recorded no label tree (not a hier-ot run?)")
     print(extra["taxonomy"]["text"])
+    record = records[args.experience]
+    if "ot_seconds" in extra:  # cumulative over the run so far, like the times below
+        elapsed = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0)
+                      for r in records[: record["experience"] + 1])
+        share = 100 * extra["ot_seconds"] / elapsed if elapsed > 0 else float("nan")
+        print(f"\nOT: {extra.get('ot_pairs', '?')} class pairs, {extra['ot_seconds']:.1f} s "
+              f"of the run's {elapsed:.0f} s train + eval ({share:.1f}%)")
     if args.distances and extra.get("class_distances"):
         table = extra["class_distances"]
         names = table["names"]

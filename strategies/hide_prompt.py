@@ -206,11 +206,14 @@ class HiDePrompt(CLStrategy):
         selection = self.model.prompts(task=task)
 
         def query_and_prompted(x: Tensor) -> tuple[Tensor, Tensor]:
-            return self.query(x), self.encoder(x, selection.prompt).pooled
+            # the pass costs as much as an evaluation, so it runs at the same precision;
+            # the statistics (means, covariances) are accumulated in fp32
+            with self.autocast():
+                return self.query(x).float(), self.encoder(x, selection.prompt).pooled.float()
 
         (query, prompted), labels = extract_features(
             query_and_prompted, self.experience.dataset.eval(),
-            batch_size=c.eval_batch_size, device=self.device,
+            batch_size=c.eval_batch_size, device=self.device, num_workers=c.num_workers,
         )
         self.query_statistics.update(query, labels)
         self.prompted_statistics.update(prompted, labels)

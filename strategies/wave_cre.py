@@ -254,9 +254,10 @@ class WaveCRE(CLStrategy):
             keys = self.query_cache.fingerprint(x)
             if keys is not None:
                 fingerprints.append(keys)
-            query = self.query(x)
-            selection = self.model.pools(query, task=task)
-            return query, self.encoder(x, selection.prompt).pooled
+            with self.autocast():  # as at evaluation; statistics accumulate in fp32
+                query = self.query(x)
+                selection = self.model.pools(query, task=task)
+                return query.float(), self.encoder(x, selection.prompt).pooled.float()
 
         (query, prompted), labels = extract_features(
             query_and_prompted, self.experience.dataset.eval(),

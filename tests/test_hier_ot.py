@@ -352,8 +352,27 @@ def test_a_digits_run_records_the_tree_and_the_distances(tmp_path, capsys):
     assert print_tree([str(folder.path), "--distances"]) == 0
     printed = capsys.readouterr().out
     assert "label tree" in printed and "OT class distances (emd)" in printed
+    assert f"OT: {last['ot_pairs']} class pairs" in printed
     assert main(["tree", str(folder.path), "--distances"]) == 0  # the same through the CLI
     assert capsys.readouterr().out == printed
+
+
+def test_tree_printout_reports_the_ot_share_of_the_run_time(tmp_path, capsys):
+    from clbench.taxonomy import main as print_tree
+
+    def record(experience, ot_seconds, pairs):
+        return {"experience": experience, "train_seconds": 30.0, "eval_seconds": 10.0,
+                "extra": {"taxonomy": {"text": f"label tree after {experience}"},
+                          "ot_seconds": ot_seconds, "ot_pairs": pairs}}
+
+    (tmp_path / "progress.json").write_text(json.dumps([record(0, 1.0, 6), record(1, 2.0, 28)]))
+    assert print_tree([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    # cumulative OT time over the cumulative train + eval time: 2 s of 80 s
+    assert "label tree after 1" in printed
+    assert "OT: 28 class pairs, 2.0 s of the run's 80 s train + eval (2.5%)" in printed
+    assert print_tree([str(tmp_path), "--experience", "0"]) == 0
+    assert "1.0 s of the run's 40 s train + eval (2.5%)" in capsys.readouterr().out
 
 
 def test_a_bad_taxonomy_stops_a_cli_run_with_one_line(tmp_path, capsys):

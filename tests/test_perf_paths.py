@@ -69,6 +69,32 @@ def test_cached_and_uncached_queries_give_the_same_accuracy_matrix(tmp_path, str
     assert sum(cached[-1]) > 0  # something was learnt, so the comparison means something
 
 
+@pytest.mark.parametrize("cache_train", [False, True])
+def test_training_image_queries_are_cached_only_on_request(tiny_vit, cache_train):
+    # digits-offline does not augment, so with cache_train_queries the second epoch finds
+    # every training query in the cache; without it, training images are never inserted
+    from clbench.scenarios.offline_vision import DigitsOptions, digits_offline
+
+    digits = digits_offline(DigitsOptions(num_experiences=5), tiny_vit, seed=0)
+    experience = digits.benchmark.train_stream[0]
+    strategy_class = STRATEGIES.get("l2p")
+    config = strategy_class.Config(epochs=2, batch_size=64, pool_size=4, top_k=2,
+                                   prompt_length=2, cache_train_queries=cache_train)
+    strategy = strategy_class(encoder=tiny_vit, num_classes=10, config=config)
+    strategy.train(experience)
+    items = len(experience.dataset)
+    cache = strategy.query_cache
+    assert (cache.misses, cache.hits) == ((items, items) if cache_train else (2 * items, 0))
+    assert len(cache) == (items if cache_train else 0)
+    if cache_train:  # the stored rows are the encoder's queries of those very images
+        images = torch.stack([experience.dataset.eval()[i][0] for i in range(8)])
+        found, position = cache.lookup(cache.fingerprint(images))
+        assert found.all()
+        with torch.no_grad():
+            torch.testing.assert_close(cache.values[position], tiny_vit.query(images),
+                                       atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.slow
 def test_cached_text_queries_match_within_noise(tmp_path):
     # Text training reuses cached queries across epochs; a fresh pass over a differently

@@ -162,6 +162,17 @@ def test_incomplete_runs_are_listed_never_averaged(results: Path) -> None:
     assert "| fewrel-offline | minilm-l6 | l2p | 2 | running | 1/2 | 84.00 |" in listing
 
 
+def test_an_option_a_run_predates_is_labelled_not_recorded(tmp_path: Path) -> None:
+    # runs made before an option existed have no value for it: their row must not pool
+    # with runs that set it, and the label says why they differ
+    root = tmp_path / "r"
+    make_run(root, "fewrel-offline", "l2p", 0, [[90, 0], [80, 70]])
+    make_run(root, "fewrel-offline", "l2p", 0, [[90, 0], [80, 60]], precision="bf16",
+             stamp="20260102-000000")
+    summary = tables.summarise(tables.load_runs([root]), tables.TableOptions())
+    assert sorted(summary["setting"]) == ["precision=(not recorded)", "precision=bf16"]
+
+
 def test_duplicate_seed_other_protocol_and_other_options_get_no_silent_average(
     tmp_path: Path,
 ) -> None:
