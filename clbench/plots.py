@@ -197,8 +197,22 @@ def curves_figure(
 
 
 def _legend(figure: Figure, entries: int) -> None:
-    # Below the axes, never over the data (bands and bars fill the whole plot area).
-    figure.legend(loc="outside lower center", ncols=min(entries, 3), fontsize=8, frameon=False)
+    # Below the axes, never over the data (bands and bars fill the whole plot area); as
+    # many columns as the longest label lets fit in the figure's width (long settings,
+    # e.g. "l2p [epochs=1, precision=bf16]", would otherwise run off both edges).
+    labels = [label for axes in figure.axes for label in axes.get_legend_handles_labels()[1]]
+    longest = max((len(label) for label in labels), default=0)
+    column_inches = 0.45 + longest * _LEGEND_CHAR_INCHES  # marker + text at fontsize 8
+    fit = max(1, int(figure.get_figwidth() // column_inches))
+    columns = max(1, min(entries, 3, fit))
+    # the legend takes its rows from the figure's height: grow it so the axes keep theirs
+    rows = -(-entries // columns)
+    figure.set_figheight(figure.get_figheight() + max(0, rows - 3) * _LEGEND_ROW_INCHES)
+    figure.legend(loc="outside lower center", ncols=columns, fontsize=8, frameon=False)
+
+
+_LEGEND_CHAR_INCHES = 0.062  # mean width of a DejaVu Sans character at 8 pt
+_LEGEND_ROW_INCHES = 0.19  # one legend row at 8 pt
 
 
 def forgetting_figure(

@@ -83,6 +83,22 @@ def test_curves_show_mean_and_band_over_seeds(results: Path) -> None:
     assert colours <= set(plots.OKABE_ITO)
 
 
+def test_a_legend_of_long_settings_stays_inside_the_figure(tmp_path: Path) -> None:
+    root = tmp_path / "results"
+    for index in range(4):
+        make_run(root, "fewrel-offline", f"l2p-{index}", 0, [[90, 0], [80, 70]],
+                 backbone="minilm-l6")
+    runs = tables.assign_rows(tables.load_runs([root], with_matrix=True), tables.TableOptions())
+    # settings as long as "epochs=1, precision=(not recorded)" and longer
+    runs["setting"] = "epochs=1, precision=(not recorded), " + runs["strategy"]
+    for spec in plots.build_figures(runs, tables.TableOptions(), ["curves", "forgetting"], "auto"):
+        figure = spec.figure
+        figure.savefig(tmp_path / "probe.png")  # lays the figure out
+        legend = figure.legends[0].get_window_extent()
+        page = figure.bbox
+        assert page.x0 - 1 <= legend.x0 and legend.x1 <= page.x1 + 1, spec.name
+
+
 def test_heatmap_is_the_mean_matrix_with_unseen_tasks_blank(results: Path) -> None:
     runs = tables.assign_rows(tables.load_runs([results], with_matrix=True),
                               tables.TableOptions())  # fmt: skip
