@@ -180,6 +180,9 @@ class CLStrategy(SupervisedTemplate):
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     # named presets: field -> value, e.g. {"quick": {"epochs": 1}, "fewrel-offline": {...}}
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # True for a method that infers each test input's task (its predict calls
+    # score_task_identity): evaluation_summary then reports task-identity accuracy
+    infers_task: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -210,6 +213,9 @@ class CLStrategy(SupervisedTemplate):
         self.current_task = -1
         self.current_classes: list[int] = []
         self.task_classes: list[list[int]] = []
+        # task-identity hits / counts per test experience (see score_task_identity)
+        self._identity_hits: dict[int, Tensor] = {}
+        self._identity_counts: dict[int, int] = {}
         self.auxiliary_loss: Tensor | None = None
         self.scheduler: Any = None
         self.query_cache = QueryCache()
@@ -263,9 +269,19 @@ class CLStrategy(SupervisedTemplate):
         return [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
 
     def evaluation_summary(self) -> dict[str, Any]:
-        """Diagnostics gathered during the last evaluation (e.g. task-identity accuracy per
-        test experience); the run loop stores them with the experience's record."""
-        return {}
+        """Diagnostics gathered during the last evaluation; the run loop stores them with
+        the experience's record. By default, for a method that infers the task
+        (``infers_task``), the task-identity accuracy (%) per test experience that
+        ``score_task_identity`` scored (None for unseen ones)."""
+        if not self.infers_task:
+            return {}
+        learned = len(self.task_classes)
+        hits, counts = self._identity_hits, self._identity_counts
+        accuracy = [
+            100.0 * float(hits[i]) / counts[i] if i < learned else None for i in sorted(counts)
+        ]
+        self._identity_hits, self._identity_counts = {}, {}
+        return {"task_identity_accuracy": accuracy}
 
     def extra_state(self) -> dict[str, Any]:
         """Checkpointed state that is not a module parameter or buffer."""
@@ -295,6 +311,36 @@ class CLStrategy(SupervisedTemplate):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @property
+    def seen_class_list(self) -> list[int]:
+        """Every class trained on so far, task by task."""
+        return [label for classes in self.task_classes for label in classes]
+
+    def class_to_task(self) -> Tensor:
+        """[num_classes] long: the task that brought each class (-1: not seen yet)."""
+        lookup = torch.full((self.num_classes,), -1, dtype=torch.long, device=self.device)
+        for task, classes in enumerate(self.task_classes):
+            lookup[classes] = task
+        return lookup
+
+    def scenario_tasks(self, task: int) -> int:
+        """How many tasks the training stream has (at least ``task + 1``), so that a method
+        with a fixed number of per-task slots can fail on the first task, not hours later."""
+        stream = getattr(self.experience, "origin_stream", None)
+        return max(task + 1, len(stream) if stream is not None else 0)
+
+    def score_task_identity(self, x: Tensor, tasks: Tensor, lookup: Tensor | None = None) -> None:
+        """During Avalanche's evaluation loop, count how often ``tasks`` [B] (the task a
+        method inferred for each input of ``x``) is the task of the true class.
+        ``lookup``: ``class_to_task()`` when the caller has it already."""
+        if self.is_training or self.mbatch is None or self.mbatch[0] is not x:
+            return
+        lookup = self.class_to_task() if lookup is None else lookup
+        index = int(self.experience.current_experience)
+        hits = (tasks == lookup[self.mb_y]).sum()  # stays on the device
+        self._identity_hits[index] = self._identity_hits.get(index, 0) + hits
+        self._identity_counts[index] = self._identity_counts.get(index, 0) + len(tasks)
 
     @property
     def current_class_mask(self) -> Tensor:

@@ -92,8 +92,7 @@ class CodaPrompt(CLStrategy):
 
     def begin_task(self, task: int, classes: list[int]) -> None:
         # fail on the first task, not hours later, if the stream outgrows the pool
-        stream = getattr(self.experience, "origin_stream", None)
-        num_tasks = max(task + 1, len(stream) if stream is not None else 0)
+        num_tasks = self.scenario_tasks(task)
         if num_tasks > self.config.num_tasks:
             raise UsageError(
                 f"coda-prompt splits its components over num_tasks={self.config.num_tasks} "

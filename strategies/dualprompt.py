@@ -19,9 +19,7 @@ t* = argmax_t cos(q, k_t) over the tasks learnt so far (top-1 key match, batched
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from clbench.config import option
@@ -59,6 +57,7 @@ class DualPromptConfig(StrategyConfig):
 class DualPrompt(CLStrategy):
     name = "dualprompt"
     Config = DualPromptConfig
+    infers_task = True  # by the top-1 key match (its E-prompt choice)
     presets = {
         "quick": {"epochs": 1, "batch_size": 32},
         "digits-offline": {"epochs": 3, "batch_size": 32, "lr": 0.01},
@@ -78,13 +77,10 @@ class DualPrompt(CLStrategy):
             c.pool_size, c.e_length, encoder.embed_dim, encoder.feature_dim, layers=c.e_layers
         )
         model.head = nn.Linear(encoder.feature_dim, self.num_classes)
-        self._identity_hits: dict[int, Tensor] = {}
-        self._identity_counts: dict[int, int] = {}
 
     def begin_task(self, task: int, classes: list[int]) -> None:
         # fail on the first task, not hours later, if the stream outgrows the pool
-        stream = getattr(self.experience, "origin_stream", None)
-        num_tasks = max(task + 1, len(stream) if stream is not None else 0)
+        num_tasks = self.scenario_tasks(task)
         if num_tasks > self.config.pool_size:
             raise UsageError(
                 f"dualprompt has {self.config.pool_size} E-prompt slots (pool_size) but the "
@@ -109,27 +105,7 @@ class DualPrompt(CLStrategy):
 
     def predict(self, x: Tensor) -> Tensor:
         logits, chosen = self._forward(x, train=False)
-        # in Avalanche's evaluation loop, also score the key match (the task identity)
-        if not self.is_training and self.mbatch is not None and self.mbatch[0] is x:
-            self._score_task_identity(chosen)
+        # the key match is dualprompt's task identity: how often the top-1 key picks the
+        # input's own task's E-prompt (evaluation_summary reports it)
+        self.score_task_identity(x, chosen)
         return self.mask_unseen(logits)
-
-    # -- diagnostics: how often the top-1 key picks the input's own task's E-prompt --------
-    def _score_task_identity(self, chosen: Tensor) -> None:
-        task_of_class = torch.full((self.num_classes,), -1, device=self.device)
-        for task, classes in enumerate(self.task_classes):
-            task_of_class[classes] = task
-        index = int(self.experience.current_experience)
-        hits = (chosen == task_of_class[self.mb_y]).sum()  # stays on the device
-        self._identity_hits[index] = self._identity_hits.get(index, 0) + hits
-        self._identity_counts[index] = self._identity_counts.get(index, 0) + len(chosen)
-
-    def evaluation_summary(self) -> dict[str, Any]:
-        """E-prompt selection accuracy (%) per test experience (None for unseen ones)."""
-        learned = len(self.task_classes)
-        hits, counts = self._identity_hits, self._identity_counts
-        accuracy = [
-            100.0 * float(hits[i]) / counts[i] if i < learned else None for i in sorted(counts)
-        ]
-        self._identity_hits, self._identity_counts = {}, {}
-        return {"task_identity_accuracy": accuracy}

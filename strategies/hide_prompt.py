@@ -144,6 +144,7 @@ HIDE_PRESETS: dict[str, dict[str, Any]] = {
 class HiDePrompt(CLStrategy):
     name = "hide-prompt"
     Config = HiDePromptConfig
+    infers_task = True  # the TII head picks the task prompt
     presets = HIDE_PRESETS
     config: HiDePromptConfig
     gate_activation: str | None = None
@@ -163,8 +164,6 @@ class HiDePrompt(CLStrategy):
         self.prompted_statistics = ClassStatistics(encoder.feature_dim, c.statistics, **statistics)
         # the prompted features of the last training or test batch
         self.batch_features: Tensor | None = None
-        self._identity_hits: dict[int, Tensor] = {}
-        self._identity_counts: dict[int, int] = {}
 
     # -- training (WTP) -----------------------------------------------------------------
     def begin_task(self, task: int, classes: list[int]) -> None:
@@ -248,16 +247,6 @@ class HiDePrompt(CLStrategy):
                 optimizer.step()
         head.eval()
 
-    @property
-    def seen_class_list(self) -> list[int]:
-        return [c for classes in self.task_classes for c in classes]
-
-    def class_to_task(self) -> Tensor:
-        lookup = torch.full((self.num_classes,), -1, dtype=torch.long, device=self.device)
-        for task, classes in enumerate(self.task_classes):
-            lookup[classes] = task
-        return lookup
-
     # -- prediction -------------------------------------------------------------------------
     def predict(self, x: Tensor) -> Tensor:
         lookup = self.class_to_task()
@@ -266,23 +255,8 @@ class HiDePrompt(CLStrategy):
         selection = self.model.prompts(task=inferred)
         self.batch_features = self.encoder(x, selection.prompt).pooled
         logits = self.mask_unseen(self.model.head(self.batch_features))
-        # during Avalanche's evaluation loop, also score the inferred task identities
-        if not self.is_training and self.mbatch is not None and self.mbatch[0] is x:
-            index = int(self.experience.current_experience)
-            hits = (inferred == lookup[self.mb_y]).sum()
-            self._identity_hits[index] = self._identity_hits.get(index, 0) + hits
-            self._identity_counts[index] = self._identity_counts.get(index, 0) + len(x)
+        self.score_task_identity(x, inferred, lookup)  # TII accuracy, in evaluation only
         return logits
-
-    def evaluation_summary(self) -> dict[str, Any]:
-        """Task-identity accuracy (%) per test experience (None for unseen experiences)."""
-        learned = len(self.task_classes)
-        accuracy = {
-            index: (100.0 * float(self._identity_hits[index]) / count if index < learned else None)
-            for index, count in sorted(self._identity_counts.items())
-        }
-        self._identity_hits, self._identity_counts = {}, {}
-        return {"task_identity_accuracy": [accuracy[i] for i in sorted(accuracy)]}
 
     # -- checkpoints ------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:

@@ -187,6 +187,7 @@ WAVE_PRESETS: dict[str, dict[str, Any]] = {
 class WaveCRE(CLStrategy):
     name = "wave-cre"
     Config = WaveCREConfig
+    infers_task = True  # the task predictor picks the pool
     presets = WAVE_PRESETS
     config: WaveCREConfig
 
@@ -208,8 +209,6 @@ class WaveCRE(CLStrategy):
         model.task_predictor.requires_grad_(False)  # fitted on samples only, in end_task
         self.query_statistics = ClassStatistics(encoder.feature_dim, shrinkage=c.shrinkage)
         self.prompted_statistics = ClassStatistics(encoder.feature_dim, shrinkage=c.shrinkage)
-        self._identity_hits: dict[int, Tensor] = {}
-        self._identity_counts: dict[int, int] = {}
 
     def _make_head(self) -> nn.Module:
         dim = self.encoder.feature_dim
@@ -219,8 +218,7 @@ class WaveCRE(CLStrategy):
 
     # -- training a task's pool (eq. 15) --------------------------------------------------
     def begin_task(self, task: int, classes: list[int]) -> None:
-        stream = getattr(self.experience, "origin_stream", None)
-        num_tasks = max(task + 1, len(stream) if stream is not None else 0)
+        num_tasks = self.scenario_tasks(task)
         if num_tasks > self.config.num_tasks:
             raise UsageError(
                 f"wave-cre has {self.config.num_tasks} prompt pools (num_tasks) but the "
@@ -291,16 +289,6 @@ class WaveCRE(CLStrategy):
             optimizer_name=c.head_optimizer,
         )
 
-    @property
-    def seen_class_list(self) -> list[int]:
-        return [label for classes in self.task_classes for label in classes]
-
-    def class_to_task(self) -> Tensor:
-        lookup = torch.full((self.num_classes,), -1, dtype=torch.long, device=self.device)
-        for task, classes in enumerate(self.task_classes):
-            lookup[classes] = task
-        return lookup
-
     # -- prediction ---------------------------------------------------------------------
     def infer_tasks(self, query: Tensor) -> Tensor:
         """The task of the relation the task predictor picks among the seen ones: [B]."""
@@ -312,23 +300,8 @@ class WaveCRE(CLStrategy):
         inferred = self.infer_tasks(query)
         selection = self.model.pools(query, task=inferred)
         logits = self.mask_unseen(self.model.classifier(self.encoder(x, selection.prompt).pooled))
-        # during Avalanche's evaluation loop, also score the predicted task identities
-        if not self.is_training and self.mbatch is not None and self.mbatch[0] is x:
-            index = int(self.experience.current_experience)
-            hits = (inferred == self.class_to_task()[self.mb_y]).sum()  # stays on the device
-            self._identity_hits[index] = self._identity_hits.get(index, 0) + hits
-            self._identity_counts[index] = self._identity_counts.get(index, 0) + len(x)
+        self.score_task_identity(x, inferred)  # task-prediction accuracy, in evaluation only
         return logits
-
-    def evaluation_summary(self) -> dict[str, Any]:
-        """Task-prediction accuracy (%) per test experience (None for unseen experiences)."""
-        learned = len(self.task_classes)
-        hits, counts = self._identity_hits, self._identity_counts
-        accuracy = [
-            100.0 * float(hits[i]) / counts[i] if i < learned else None for i in sorted(counts)
-        ]
-        self._identity_hits, self._identity_counts = {}, {}
-        return {"task_identity_accuracy": accuracy}
 
     # -- checkpoints ----------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:
