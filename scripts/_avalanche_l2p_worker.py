@@ -267,6 +267,19 @@ def measure(
     return result
 
 
+def check_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, counts: tuple[str, ...]
+) -> argparse.Namespace:
+    """``args`` after the checks every benchmark script makes: each of ``counts`` at
+    least 1, and a device torch can name; a bad one ends with the parser's usage error."""
+    for name in counts:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        parser.error(f"--device {args.device}: valid choices are cpu, cuda, cuda:N")
+    return args
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The settings both sides take, with the same names and defaults."""
     parser.add_argument("--model", default="vit_tiny_patch16_224", choices=sorted(VIT_SIZES))

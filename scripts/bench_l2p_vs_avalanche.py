@@ -48,6 +48,7 @@ from _avalanche_l2p_worker import (  # noqa: E402  (the scripts folder is not a 
     PeakMemory,
     StopAfter,
     add_common_arguments,
+    check_arguments,
     measure,
     prepare_process,
     synchronize,
@@ -342,14 +343,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--run-one", choices=CLBENCH_STRATEGIES, help=argparse.SUPPRESS)
     parser.add_argument("--run-curve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    for name in ("batch_size", "eval_batch_size", "batches", "warmup", "curve_tasks",
-                 "curve_test_items", "curve_train_batches"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.device != "cpu" and not args.device.startswith("cuda"):
-        parser.error(f"--device {args.device}: valid choices are cpu, cuda, cuda:N")
-    return args
+    return check_arguments(parser, parser.parse_args(argv), (
+        "batch_size", "eval_batch_size", "batches", "warmup", "curve_tasks",
+        "curve_test_items", "curve_train_batches"))
 
 
 def main(argv: list[str] | None = None) -> None:

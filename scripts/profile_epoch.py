@@ -36,7 +36,12 @@ import torch
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 
-from _avalanche_l2p_worker import VIT_SIZES, synchronize, synthetic_benchmark  # noqa: E402
+from _avalanche_l2p_worker import (  # noqa: E402
+    VIT_SIZES,
+    check_arguments,
+    synchronize,
+    synthetic_benchmark,
+)
 
 from clbench.strategy import CLStrategy  # noqa: E402
 
@@ -160,13 +165,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--torch-profile", action="store_true", help="torch.profiler op table")
     parser.add_argument("--cprofile", action="store_true", help="Python functions, cumulative")
-    args = parser.parse_args(argv)
-    for name in ("batch_size", "batches", "tasks"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.device != "cpu" and not args.device.startswith("cuda"):
-        parser.error(f"--device {args.device}: valid choices are cpu, cuda, cuda:N")
-    return args
+    return check_arguments(parser, parser.parse_args(argv), ("batch_size", "batches", "tasks"))
 
 
 def main(argv: list[str] | None = None) -> None:
