@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Print the label tree (and the class distances) of a hier-ot run folder."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m clbench.taxonomy",
+    parser = argparse.ArgumentParser(prog="clbench tree",
                                      description="Print the label tree a hier-ot run used.")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--experience", type=int, default=-1,
