@@ -7,3 +7,5 @@ import warnings
 warnings.filterwarnings("ignore", message="no QP solver found", category=UserWarning)
 
 __version__ = "0.1.0"
+
+from clbench import logs as _logs  # noqa: E402,F401  (installs the clbench log handler)

@@ -6,13 +6,14 @@ Every entry carries a one-line description (for ``clbench list``); an unknown na
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, get_type_hints
 
 from clbench.errors import UsageError
 
@@ -21,9 +22,14 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Entry(Generic[T]):
+    """One registered name: its target (a class or a factory), the line ``clbench list``
+    prints, and the typed metadata that travels with the name (a scenario's
+    :class:`~clbench.scenario.ScenarioSpec`; None where a kind has none)."""
+
     name: str
     target: T
     description: str
+    spec: Any = None
 
 
 class Registry(Generic[T]):
@@ -33,11 +39,19 @@ class Registry(Generic[T]):
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
 
-    def register(self, name: str, description: str) -> Callable[[T], T]:
+    def register(self, name: str, description: str, *, spec: Any = None) -> Callable[[T], T]:
+        """Decorator: ``@SCENARIOS.register("x", "one line", spec=ScenarioSpec(...))``.
+
+        A registered class gets its ``name`` from here (its ``name`` attribute is set), so
+        the name is written once, in the decorator.
+        """
+
         def decorate(target: T) -> T:
             if name in self._entries and self._entries[name].target is not target:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = Entry(name, target, description)
+            self._entries[name] = Entry(name, target, description, spec)
+            if isinstance(target, type) and hasattr(target, "name"):
+                target.name = name
             return target
 
         return decorate
@@ -53,6 +67,10 @@ class Registry(Generic[T]):
     def entry(self, name: str) -> Entry[T]:
         self.get(name)
         return self._entries[name]
+
+    def spec(self, name: str) -> Any:
+        """The typed metadata registered with ``name`` (UsageError for an unknown name)."""
+        return self.entry(name).spec
 
     def names(self) -> list[str]:
         _load_builtin_modules()
@@ -90,6 +108,34 @@ def _load_builtin_modules() -> None:
                 importlib.import_module(f"{package_name}.{info.name}")
 
 
+def options_class(factory: Callable[..., Any]) -> type:
+    """The options dataclass a scenario / backbone factory takes as ``options``."""
+    return get_type_hints(factory)["options"]
+
+
+def _import_user_file(path: Path) -> Any:
+    """The module of a user's strategy file, executed once per process: a second
+    ``--strategy file.py:Class`` (the run loop resolves the name twice) gets the same module,
+    so its ``@STRATEGIES.register`` runs once."""
+    resolved = path.resolve()
+    for module in list(sys.modules.values()):
+        if getattr(module, "__clbench_user_file__", None) == str(resolved):
+            return module
+    digest = hashlib.sha1(str(resolved).encode()).hexdigest()[:8]
+    module_name = f"clbench_user_{resolved.stem}_{digest}"
+    module_spec = importlib.util.spec_from_file_location(module_name, resolved)
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module.__clbench_user_file__ = str(resolved)  # type: ignore[attr-defined]
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]  # a fixed file can be loaded again
+        raise
+    return module
+
+
 def load_strategy_class(spec: str) -> Any:
     """A registered name, or ``module:Class`` / ``path/to/file.py:Class`` for a user's class."""
     if ":" not in spec:
@@ -99,12 +145,7 @@ def load_strategy_class(spec: str) -> Any:
         path = Path(module_part)
         if not path.is_file():
             raise UsageError(f"strategy file {path} does not exist (from --strategy {spec!r})")
-        module_name = f"clbench_user_{path.stem}"
-        module_spec = importlib.util.spec_from_file_location(module_name, path)
-        assert module_spec is not None and module_spec.loader is not None
-        module = importlib.util.module_from_spec(module_spec)
-        sys.modules[module_name] = module
-        module_spec.loader.exec_module(module)
+        module = _import_user_file(path)
     else:
         try:
             module = importlib.import_module(module_part)
@@ -117,4 +158,6 @@ def load_strategy_class(spec: str) -> Any:
 
     if not (isinstance(strategy_class, type) and issubclass(strategy_class, CLStrategy)):
         raise UsageError(f"{spec} is not a subclass of clbench.strategy.CLStrategy")
+    if not strategy_class.name:  # an unregistered user class is known by its class name
+        strategy_class.name = class_name
     return strategy_class

@@ -4,15 +4,58 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
 from clbench.errors import UsageError
+
+if TYPE_CHECKING:
+    from clbench.download import DataStatus
+
+Modality = Literal["vision", "text"]
+Family = Literal["vision", "relation-extraction"]
+
+# What the tables report for each family: continual relation extraction reports the
+# pooled seen-class accuracy beside FAA / CAA / FFM; for equal-size class-incremental
+# vision tasks it equals FAA and is left out.
+FAMILY_METRICS: dict[str, tuple[str, ...]] = {
+    "vision": ("faa", "caa", "ffm"),
+    "relation-extraction": ("faa", "caa", "ffm", "seen"),
+}
+
+
+@dataclass(frozen=True)
+class ScenarioSpec:
+    """What travels with a scenario's registered name (as timm's pretrained config does
+    with a model's): read by the run loop, ``clbench list`` / ``download`` and, through
+    config.json, the tables, so that nobody special-cases a scenario name.
+
+    default_backbone: the backbone a run uses when ``--backbone`` is not given.
+    modality / family: input kind, and the kind of task (which metrics the papers report).
+    protocol: the paper protocol whose published numbers this scenario is compared with
+        (``fewrel`` for ``fewrel-offline``); defaults to the scenario's own name.
+    data_status(options, data_root) -> DataStatus: whether the data is on this machine;
+        None for data that is built in or generated.
+    download(options, data_root): fetch and verify the data (``clbench download``).
+    check_options(options): the checks that need no data, run before a run folder exists.
+    """
+
+    default_backbone: str
+    modality: Modality
+    family: Family
+    protocol: str = ""
+    data_status: Callable[[Any, Path], DataStatus] | None = None
+    download: Callable[[Any, Path], object] | None = None
+    check_options: Callable[[Any], None] | None = None
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return FAMILY_METRICS[self.family]
 
 
 @dataclass
