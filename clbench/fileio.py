@@ -15,6 +15,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+# mkstemp creates files readable by their owner only; a written file gets the permissions
+# open() would give it (a shared data root or results folder stays readable by others).
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -26,6 +32,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.close(handle)
     temporary = Path(name)
     try:
+        os.chmod(temporary, _FILE_MODE)
         yield temporary
         with open(temporary, "rb+") as stream:  # the bytes reach the disk before the rename
             os.fsync(stream.fileno())

@@ -7,26 +7,42 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from torch import Tensor
 
 from clbench.errors import UsageError
+from clbench.metrics import FAMILY_METRICS
 
 if TYPE_CHECKING:
-    from clbench.download import DataStatus
+    from clbench.data.download import DataStatus, ProgressCallback
 
 Modality = Literal["vision", "text"]
 Family = Literal["vision", "relation-extraction"]
 
-# What the tables report for each family: continual relation extraction reports the
-# pooled seen-class accuracy beside FAA / CAA / FFM; for equal-size class-incremental
-# vision tasks it equals FAA and is left out.
-FAMILY_METRICS: dict[str, tuple[str, ...]] = {
-    "vision": ("faa", "caa", "ffm"),
-    "relation-extraction": ("faa", "caa", "ffm", "seen"),
-}
+# What the tables report for each family lives beside the metrics (torch-free, so that
+# the tables can default old runs to it): FAMILY_METRICS is re-exported here.
+
+
+class DataProbe(Protocol):
+    """``data_status(options, data_root)``: whether a scenario's data is on this machine."""
+
+    def __call__(self, options: Any, data_root: Path, /) -> DataStatus: ...
+
+
+class DataFetcher(Protocol):
+    """``download(options, data_root, log=..., progress=...)``: fetch and verify the data;
+    returns where it lies. ``log`` receives status lines, ``progress`` byte counts."""
+
+    def __call__(
+        self,
+        options: Any,
+        data_root: Path,
+        /,
+        log: Callable[[str], None] | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> Path: ...
 
 
 @dataclass(frozen=True)
@@ -49,8 +65,8 @@ class ScenarioSpec:
     modality: Modality
     family: Family
     protocol: str = ""
-    data_status: Callable[[Any, Path], DataStatus] | None = None
-    download: Callable[[Any, Path], object] | None = None
+    data_status: DataProbe | None = None
+    download: DataFetcher | None = None
     check_options: Callable[[Any], None] | None = None
 
     @property
@@ -111,11 +127,26 @@ def seeded_class_order(num_classes: int, seed: int) -> list[int]:
     return order
 
 
-def split_into_tasks(class_order: Sequence[int], num_experiences: int) -> list[list[int]]:
-    if num_experiences < 1 or len(class_order) % num_experiences:
+def check_task_count(
+    num_classes: int, num_experiences: int, scenario: str | None = None, *, unit: str = "classes"
+) -> None:
+    """The one "classes divide into equal tasks" check; ``scenario`` names the scenario in
+    the message (as its options' checks do), ``unit`` what is split ("relations")."""
+    if num_experiences >= 1 and num_classes % num_experiences == 0:
+        return
+    if scenario is None:
         raise UsageError(
-            f"cannot split {len(class_order)} classes into {num_experiences} equal experiences"
+            f"cannot split {num_classes} {unit} into {num_experiences} equal experiences"
         )
+    raise UsageError(
+        f"scenario {scenario}: cannot split {num_classes} {unit} into {num_experiences} "
+        f"equal tasks (num_experiences must divide {num_classes})"
+    )
+
+
+def split_into_tasks(class_order: Sequence[int], num_experiences: int) -> list[list[int]]:
+    """The class ids of each task, ``class_order`` cut into equal consecutive parts."""
+    check_task_count(len(class_order), num_experiences)
     size = len(class_order) // num_experiences
     return [sorted(class_order[i * size : (i + 1) * size]) for i in range(num_experiences)]
 

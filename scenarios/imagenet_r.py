@@ -26,7 +26,7 @@ import math
 import os
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,19 +35,20 @@ import torch
 from torch import Tensor
 
 from clbench.config import Options, option
-from clbench.download import DataStatus, Resource, download_and_extract, is_complete
-from clbench.errors import DataNotFoundError, UsageError
-from clbench.registry import SCENARIOS
-from clbench.scenario import Scenario, default_data_root
-from clbench.scenarios.split_cifar100 import (
+from clbench.data.archive import ArchiveData
+from clbench.data.download import ProgressCallback
+from clbench.data.vision import (
     ClassOrder,
-    check_task_count,
     class_incremental_with_transforms,
     require_vision_encoder,
     resolve_class_order,
     vit_eval_transform,
     vit_train_transform,
 )
+from clbench.errors import DataNotFoundError, UsageError
+from clbench.fileio import atomic_write_text
+from clbench.registry import SCENARIOS
+from clbench.scenario import Scenario, ScenarioSpec, check_task_count, default_data_root
 
 IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
 # The md5 that torchvision-style loaders (torch-uncertainty, datamaestro and others)
@@ -62,6 +63,18 @@ TEST_FRACTION = 0.2
 SPLIT_FILE = "split-80-20.json"
 SPLIT_FORMAT = "clbench-imagenet-r-split/1"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+IMAGENET_R = ArchiveData(
+    title="ImageNet-R",
+    scenario="imagenet-r",
+    folder_name="imagenet-r",
+    archive=IMAGENET_R_ARCHIVE,
+    top_level=IMAGENET_R_TOP_LEVEL,
+    extracted="images",
+    url=IMAGENET_R_URL,
+    md5=IMAGENET_R_MD5,
+    size="2.1 GB",
+)
 
 
 @dataclass
@@ -80,43 +93,15 @@ class ImageNetROptions(Options):
     md5: str = option(IMAGENET_R_MD5, "md5 of the archive at url")
 
 
-def imagenet_r_folder(data_root: Path) -> Path:
-    return Path(data_root) / "imagenet-r"
-
-
-def _resource(options: ImageNetROptions) -> Resource:
-    return Resource(IMAGENET_R_ARCHIVE, options.url, md5=options.md5)
-
-
-def imagenet_r_how_to_get(folder: Path) -> str:
-    return (
-        f"run `clbench download imagenet-r` (it fetches {IMAGENET_R_URL}, 2.1 GB, md5 "
-        f"{IMAGENET_R_MD5}), or put {IMAGENET_R_ARCHIVE} in {folder} by hand; set "
-        "$CLBENCH_DATA or --data-root to use another data root"
-    )
-
-
-def imagenet_r_data_status(options: ImageNetROptions, data_root: Path) -> DataStatus:
-    folder = imagenet_r_folder(data_root)
-    images = folder / "images"
-    return DataStatus(
-        is_complete(images, _resource(options)), images, imagenet_r_how_to_get(folder)
-    )
-
-
 def fetch_imagenet_r(
-    options: ImageNetROptions, data_root: Path, log: Any = None, progress: Any = None
+    options: ImageNetROptions,
+    data_root: Path,
+    log: Callable[[str], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Path:
     """Download (if needed), verify, extract, and write the split file; returns the folder."""
-    folder = imagenet_r_folder(data_root)
-    images = download_and_extract(
-        _resource(options),
-        folder,
-        IMAGENET_R_TOP_LEVEL,
-        folder / "images",
-        log=log,
-        progress=progress,
-    )
+    images = IMAGENET_R.fetch(options, data_root, log=log, progress=progress)
+    folder = IMAGENET_R.folder(data_root)
     load_or_write_split(folder / SPLIT_FILE, list_image_files(images))
     return folder
 
@@ -203,9 +188,7 @@ def load_or_write_split(split_file: Path, files: Sequence[str]) -> dict[str, Any
         "counts": {"train": len(parts["train"]), "test": len(parts["test"])},
         **parts,
     }
-    tmp = split_file.with_name(f".{split_file.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(split, indent=0))
-    os.replace(tmp, split_file)
+    atomic_write_text(split_file, json.dumps(split, indent=0))
     return split
 
 
@@ -267,20 +250,21 @@ def check_imagenet_r_options(options: ImageNetROptions) -> None:
 @SCENARIOS.register(
     "imagenet-r",
     "ImageNet-R (200 classes), 10 tasks x 20 classes, fixed 80/20 split file; downloads 2.1 GB",
+    spec=ScenarioSpec(
+        default_backbone="vit-b16-in21k",
+        modality="vision",
+        family="vision",
+        data_status=IMAGENET_R.status,
+        download=fetch_imagenet_r,
+        check_options=check_imagenet_r_options,
+    ),
 )
 def imagenet_r(options: ImageNetROptions, encoder: Any, seed: int) -> Scenario:
     check_imagenet_r_options(options)
     size = require_vision_encoder(encoder, "imagenet-r")
     data_root = default_data_root()
-    folder = imagenet_r_folder(data_root)
-    status = imagenet_r_data_status(options, data_root)
-    if not status.present:
-        if not options.download:
-            raise DataNotFoundError(
-                f"ImageNet-R not found (looked in: {status.location}); {status.how_to_get}"
-            )
-        fetch_imagenet_r(options, data_root)
-    images = status.location
+    folder = IMAGENET_R.folder(data_root)
+    images = IMAGENET_R.ensure(options, data_root, fetch=fetch_imagenet_r)
     split = load_or_write_split(folder / SPLIT_FILE, list_image_files(images))
     wnids = sorted({path.split("/", 1)[0] for path in split["train"] + split["test"]})
     # the real archive has 200 classes; a smaller archive (a test's) must still divide
@@ -320,9 +304,3 @@ def imagenet_r(options: ImageNetROptions, encoder: Any, seed: int) -> Scenario:
             "eval_transform": repr(eval_transform),
         },
     )
-
-
-imagenet_r.default_backbone = "vit-b16-in21k"
-imagenet_r.data_status = imagenet_r_data_status
-imagenet_r.download = fetch_imagenet_r
-imagenet_r.check_options = check_imagenet_r_options

@@ -12,10 +12,11 @@ import torch
 from torch import Tensor
 
 from clbench.config import Options, option
-from clbench.errors import UsageError
+from clbench.data.vision import require_vision_encoder
 from clbench.registry import SCENARIOS
 from clbench.scenario import (
     Scenario,
+    ScenarioSpec,
     TensorClassificationDataset,
     class_incremental,
     seeded_class_order,
@@ -75,19 +76,21 @@ def resize_images(images: np.ndarray, size: tuple[int, int]) -> Tensor:
 @SCENARIOS.register(
     "digits-offline",
     "scikit-learn's bundled 8x8 digits (1797 images, 10 classes), 5 tasks x 2 classes; offline",
+    spec=ScenarioSpec(
+        default_backbone="vit-tiny-random",
+        modality="vision",
+        family="vision",
+        protocol="digits",
+    ),
 )
 def digits_offline(options: DigitsOptions, encoder: Any, seed: int) -> Scenario:
     from sklearn.datasets import load_digits
 
-    if getattr(encoder, "modality", None) != "vision" or not hasattr(encoder, "input_size"):
-        raise UsageError(
-            "scenario digits-offline needs a vision backbone, e.g. vit-tiny-random "
-            f"(got a {getattr(encoder, 'modality', None) or type(encoder).__name__} backbone)"
-        )
+    size = require_vision_encoder(encoder, "digits-offline", examples="vit-tiny-random")
     digits = load_digits()
     labels = [int(y) for y in digits.target]
     # pixel values are 0..16 in the bundled data
-    images = resize_images(digits.images / 16.0, tuple(encoder.input_size[1:]))
+    images = resize_images(digits.images / 16.0, size)
     train_idx, test_idx = stratified_split(labels, DIGITS_TEST_FRACTION, DIGITS_SPLIT_SEED)
     transform = Normalise(encoder.mean, encoder.std)
     targets = torch.tensor(labels, dtype=torch.long)
@@ -115,6 +118,3 @@ def digits_offline(options: DigitsOptions, encoder: Any, seed: int) -> Scenario:
             "input_size": tuple(encoder.input_size),
         },
     )
-
-
-digits_offline.default_backbone = "vit-tiny-random"

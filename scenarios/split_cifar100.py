@@ -4,35 +4,38 @@ The class order is NoRGa's (``random.seed(seed); random.shuffle(list(range(100))
 for seed 42 is 42, 41, 91, 9, 65, 50, 1, 70, 15, 78); ``class_order=natural`` gives the
 0..99 order of HiDe-Prompt's scripts. Images stay uint8 in memory (150 MB for the training
 set); resizing to the backbone's input and the augmentation run per item, in the
-DataLoader's worker processes, through Avalanche transform groups ("train" augments,
-"eval" does Resize(256/224 x size) + CenterCrop(size), as for ImageNet).
-
-The vision helpers here (transforms, transform-group benchmark, encoder check) serve
-``imagenet_r.py`` too.
+DataLoader's worker processes (:mod:`clbench.data.vision`).
 """
 
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from clbench.config import Options, option
-from clbench.download import DataStatus, Resource, download_and_extract, is_complete
-from clbench.errors import DataNotFoundError, UsageError
+from clbench.data.archive import ArchiveData
+from clbench.data.vision import (
+    ClassOrder,
+    class_incremental_with_transforms,
+    require_vision_encoder,
+    resolve_class_order,
+    vit_eval_transform,
+    vit_train_transform,
+)
+from clbench.errors import DataNotFoundError
 from clbench.registry import SCENARIOS
 from clbench.scenario import (
     Scenario,
+    ScenarioSpec,
     TensorClassificationDataset,
+    check_task_count,
     default_data_root,
-    seeded_class_order,
-    split_into_tasks,
 )
 
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -41,107 +44,16 @@ CIFAR100_ARCHIVE = "cifar-100-python.tar.gz"
 CIFAR100_TOP_LEVEL = "cifar-100-python"
 CIFAR100_CLASSES = 100
 
-ClassOrder = Literal["seed", "natural"]
-CLASS_ORDERS: tuple[str, ...] = ("seed", "natural")
-
-
-# --------------------------------------------------------------------- shared vision bits
-
-
-def require_vision_encoder(encoder: Any, scenario: str) -> tuple[int, int]:
-    """The encoder's (height, width); a text backbone is refused before any data work."""
-    if getattr(encoder, "modality", None) != "vision" or not hasattr(encoder, "input_size"):
-        raise UsageError(
-            f"scenario {scenario} needs a vision backbone, e.g. vit-b16-in21k or "
-            f"vit-tiny-random (got a {getattr(encoder, 'modality', None) or type(encoder).__name__}"
-            " backbone)"
-        )
-    return int(encoder.input_size[1]), int(encoder.input_size[2])
-
-
-def check_task_count(num_classes: int, num_experiences: int, scenario: str) -> None:
-    if num_experiences < 1 or num_classes % num_experiences:
-        raise UsageError(
-            f"scenario {scenario}: cannot split {num_classes} classes into {num_experiences} "
-            f"equal tasks (num_experiences must divide {num_classes})"
-        )
-
-
-def resolve_class_order(kind: str, num_classes: int, seed: int) -> list[int]:
-    if kind == "seed":
-        return seeded_class_order(num_classes, seed)
-    if kind == "natural":
-        return list(range(num_classes))
-    raise UsageError(f"unknown class_order {kind!r}; expected one of {', '.join(CLASS_ORDERS)}")
-
-
-def vit_train_transform(
-    size: tuple[int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    scale: tuple[float, float] = (0.08, 1.0),
-) -> Any:
-    """RandomResizedCrop(size, scale) + horizontal flip, on uint8 [3, H, W] tensors."""
-    from torchvision.transforms import v2
-
-    return v2.Compose(
-        [
-            v2.RandomResizedCrop(size, scale=scale, antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
-        ]
-    )
-
-
-def vit_eval_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Any:
-    """Resize the short side to 256/224 of the input size, then a centre crop (ImageNet's)."""
-    from torchvision.transforms import v2
-
-    return v2.Compose(
-        [
-            v2.Resize(round(min(size) * 256 / 224), antialias=True),
-            v2.CenterCrop(size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
-        ]
-    )
-
-
-def class_incremental_with_transforms(
-    train: Any,
-    test: Any,
-    class_order: Sequence[int],
-    num_experiences: int,
-    train_transform: Any,
-    eval_transform: Any,
-) -> tuple[Any, list[list[int]]]:
-    """:func:`clbench.scenario.class_incremental`, with Avalanche transform groups.
-
-    Avalanche switches every experience's dataset to its "train" group in
-    ``strategy.train`` and to "eval" in ``strategy.eval``; the test datasets start in
-    "eval" so that indexing them directly never augments.
-    """
-    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
-    from avalanche.benchmarks.utils import as_classification_dataset
-    from avalanche.benchmarks.utils.transform_groups import TransformGroups
-
-    def groups() -> TransformGroups:
-        return TransformGroups({"train": train_transform, "eval": eval_transform})
-
-    classes = split_into_tasks(class_order, num_experiences)
-    benchmark = class_incremental_benchmark(
-        {
-            "train": as_classification_dataset(train, transform_groups=groups()),
-            "test": as_classification_dataset(test, transform_groups=groups()).eval(),
-        },
-        class_order=list(class_order),
-        num_experiences=num_experiences,
-    )
-    return benchmark, classes
-
-
-# ------------------------------------------------------------------------------ CIFAR
+CIFAR100 = ArchiveData(
+    title="CIFAR-100",
+    scenario="split-cifar100",
+    folder_name="cifar100",
+    archive=CIFAR100_ARCHIVE,
+    top_level=CIFAR100_TOP_LEVEL,
+    extracted=CIFAR100_TOP_LEVEL,
+    url=CIFAR100_URL,
+    md5=CIFAR100_MD5,
+)
 
 
 @dataclass
@@ -167,45 +79,6 @@ class CIFAR100Arrays:
     test_images: Tensor
     test_labels: Tensor
     class_names: list[str]
-
-
-def cifar100_folder(data_root: Path) -> Path:
-    return Path(data_root) / "cifar100"
-
-
-def _cifar100_resource(options: SplitCIFAR100Options) -> Resource:
-    return Resource(CIFAR100_ARCHIVE, options.url, md5=options.md5)
-
-
-def cifar100_how_to_get(folder: Path) -> str:
-    return (
-        f"run `clbench download split-cifar100` (it fetches {CIFAR100_URL}, md5 "
-        f"{CIFAR100_MD5}), or put {CIFAR100_ARCHIVE} in {folder} by hand; set $CLBENCH_DATA "
-        "or --data-root to use another data root"
-    )
-
-
-def cifar100_data_status(options: SplitCIFAR100Options, data_root: Path) -> DataStatus:
-    folder = cifar100_folder(data_root)
-    extracted = folder / CIFAR100_TOP_LEVEL
-    return DataStatus(
-        is_complete(extracted, _cifar100_resource(options)), extracted, cifar100_how_to_get(folder)
-    )
-
-
-def fetch_cifar100(
-    options: SplitCIFAR100Options, data_root: Path, log: Any = None, progress: Any = None
-) -> Path:
-    """Download (if needed), verify and extract; returns the folder with train/test/meta."""
-    folder = cifar100_folder(data_root)
-    return download_and_extract(
-        _cifar100_resource(options),
-        folder,
-        CIFAR100_TOP_LEVEL,
-        folder / CIFAR100_TOP_LEVEL,
-        log=log,
-        progress=progress,
-    )
 
 
 def _unpickle(path: Path) -> dict[str, Any]:
@@ -258,23 +131,24 @@ def check_cifar100_options(options: SplitCIFAR100Options) -> None:
     "split-cifar100",
     "CIFAR-100, 10 tasks x 10 classes, seeded class order (class_order=natural for HiDe's); "
     "downloads 161 MB",
+    spec=ScenarioSpec(
+        default_backbone="vit-b16-in21k",
+        modality="vision",
+        family="vision",
+        data_status=CIFAR100.status,
+        download=CIFAR100.fetch,
+        check_options=check_cifar100_options,
+    ),
 )
 def split_cifar100(options: SplitCIFAR100Options, encoder: Any, seed: int) -> Scenario:
     # Bad options and a wrong backbone are refused before any download.
     check_cifar100_options(options)
     class_order = resolve_class_order(options.class_order, CIFAR100_CLASSES, seed)
     size = require_vision_encoder(encoder, "split-cifar100")
-    data_root = default_data_root()
-    status = cifar100_data_status(options, data_root)
-    if not status.present:
-        if not options.download:
-            raise DataNotFoundError(
-                f"CIFAR-100 not found (looked in: {status.location}); {status.how_to_get}"
-            )
-        fetch_cifar100(options, data_root)
-    data = load_cifar100(status.location)
+    folder = CIFAR100.ensure(options, default_data_root())
+    data = load_cifar100(folder)
     if sorted(set(data.train_labels.tolist())) != list(range(CIFAR100_CLASSES)):
-        raise DataNotFoundError(f"{status.location}/train does not hold all 100 classes")
+        raise DataNotFoundError(f"{folder}/train does not hold all 100 classes")
     eval_transform = vit_eval_transform(size, encoder.mean, encoder.std)
     train_transform = (
         vit_train_transform(size, encoder.mean, encoder.std) if options.augment else eval_transform
@@ -291,7 +165,7 @@ def split_cifar100(options: SplitCIFAR100Options, encoder: Any, seed: int) -> Sc
         class_names=data.class_names,
         modality="vision",
         details={
-            "data_folder": str(status.location),
+            "data_folder": str(folder),
             "class_order": class_order,
             "class_order_kind": options.class_order,
             "seed": seed,
@@ -301,9 +175,3 @@ def split_cifar100(options: SplitCIFAR100Options, encoder: Any, seed: int) -> Sc
             "eval_transform": repr(eval_transform),
         },
     )
-
-
-split_cifar100.default_backbone = "vit-b16-in21k"
-split_cifar100.data_status = cifar100_data_status
-split_cifar100.download = fetch_cifar100
-split_cifar100.check_options = check_cifar100_options

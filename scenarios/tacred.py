@@ -11,7 +11,7 @@ Accepted input: the LDC release's JSON (a list of records with ``token``, ``rela
 test.json are merged, as the protocol re-splits the whole set), or one file already in
 FewRel format (relation -> examples), as some continual-RE repositories convert it.
 Encoding (entity markers, truncation around the entities, the token cache) is the one of
-``relation_extraction.py``.
+every FewRel-format scenario (:mod:`clbench.data.relations`).
 """
 
 from __future__ import annotations
@@ -19,23 +19,25 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clbench.config import Options, option
-from clbench.download import DataStatus
-from clbench.errors import DataNotFoundError, UsageError
-from clbench.registry import SCENARIOS
-from clbench.scenario import Scenario, default_data_root
-from clbench.scenarios.relation_extraction import (
+from clbench.config import option
+from clbench.data.download import DataStatus, ProgressCallback, file_digest
+from clbench.data.files import read_json
+from clbench.data.relations import (
+    RelationOptions,
     RelationSplits,
-    _check_fewrel_structure,
     build_relation_scenario,
+    check_fewrel_structure,
     fit_task_count,
     require_text_encoder,
 )
+from clbench.errors import DataNotFoundError, UsageError
+from clbench.registry import SCENARIOS
+from clbench.scenario import Scenario, ScenarioSpec, default_data_root
 
 TACRED_FILES = ("train.json", "dev.json", "test.json")
 EXCLUDED_RELATIONS = ("no_relation", "per:country_of_death")
@@ -64,14 +66,13 @@ def tacred_license_note(folder: Path) -> str:
 
 
 @dataclass
-class TACREDOptions(Options):
+class TACREDOptions(RelationOptions):
     data_file: str | None = option(
         None,
         "a TACRED JSON file (LDC list format or FewRel format) or a folder with train.json, "
         "dev.json and test.json (default: <data_root>/tacred)",
     )
     num_experiences: int = option(10, "number of tasks (must divide the 40 relations)")
-    max_length: int = option(256, "tokens per sentence, [CLS]/[SEP]/markers included")
     max_train: int = option(320, "at most this many training sentences per relation")
     max_test: int = option(41, "at most this many test sentences per relation (and n // 5)")
     exclude_relations: list[str] = option(
@@ -90,7 +91,10 @@ def tacred_data_status(options: TACREDOptions, data_root: Path) -> DataStatus:
 
 
 def check_tacred_present(
-    options: TACREDOptions, data_root: Path, log: Any = None, progress: Any = None
+    options: TACREDOptions,
+    data_root: Path,
+    log: Callable[[str], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> Path:
     """``clbench download tacred``: nothing to fetch; says where the files are or must go."""
     folder = Path(data_root) / "tacred"
@@ -122,13 +126,6 @@ def find_tacred_files(data_file: str | None, default_folder: Path) -> list[Path]
     return expected
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UsageError(f"{path} is not valid JSON: {error}") from error
-
-
 def tacred_record_to_example(record: Any, where: str) -> tuple[str, dict]:
     """(relation, FewRel-format example) from one LDC record; malformed ones are named."""
     keys = ("token", "relation", "subj_start", "subj_end", "obj_start", "obj_end")
@@ -155,9 +152,9 @@ def load_tacred(files: Sequence[Path], exclude: Sequence[str]) -> dict[str, list
     """Relation -> FewRel-format examples, from LDC-format lists or one FewRel-format file."""
     data: dict[str, list[dict]] = {}
     for path in files:
-        raw = _read_json(path)
+        raw = read_json(path)
         if isinstance(raw, dict):  # already converted (FewRel format)
-            _check_fewrel_structure(raw, path)
+            check_fewrel_structure(raw, path)
             for relation, examples in raw.items():
                 data.setdefault(relation, []).extend(examples)
             continue
@@ -211,6 +208,14 @@ def check_tacred_options(options: TACREDOptions) -> None:
     "tacred",
     "TACRED (user-supplied, LDC license), 40 relations, 10 tasks x 4, <=320 train / "
     "min(n/5, 41) test per relation",
+    spec=ScenarioSpec(
+        default_backbone="bert-base-uncased",
+        modality="text",
+        family="relation-extraction",
+        data_status=tacred_data_status,
+        download=check_tacred_present,
+        check_options=check_tacred_options,
+    ),
 )
 def tacred(options: TACREDOptions, encoder: Any, seed: int) -> Scenario:
     check_tacred_options(options)
@@ -222,7 +227,7 @@ def tacred(options: TACREDOptions, encoder: Any, seed: int) -> Scenario:
     digest = hashlib.sha256()
     digest.update(f"tacred-conversion-{CONVERSION_VERSION}".encode())
     for path in files:
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        digest.update(bytes.fromhex(file_digest(path)))
     digest.update(json.dumps(sorted(options.exclude_relations)).encode())
     return build_relation_scenario(
         "tacred",
@@ -244,9 +249,3 @@ def tacred(options: TACREDOptions, encoder: Any, seed: int) -> Scenario:
         },
         splits=splits,
     )
-
-
-tacred.default_backbone = "bert-base-uncased"
-tacred.data_status = tacred_data_status
-tacred.download = check_tacred_present
-tacred.check_options = check_tacred_options

@@ -24,11 +24,13 @@ import numpy as np
 import pytest
 
 from clbench import cli
-from clbench.download import (
+from clbench.data.download import (
     ChecksumMismatchError,
+    DataStatus,
     DownloadError,
     Resource,
     UnsafeArchiveError,
+    data_marker,
     download,
     download_and_extract,
     extract_tar,
@@ -201,6 +203,34 @@ def test_download_success_then_no_second_download(server, tmp_path):
     assert leftovers(tmp_path / "root") == []
     assert download(resource, tmp_path / "root", **FAST) == path
     assert server.count("/data.bin") == 1  # the verified file was not fetched again
+
+
+def test_downloaded_files_are_readable_as_open_makes_them(server, tmp_path):
+    # the atomic rename must not leave a shared data root readable by its owner only
+    server.files["/data.bin"] = b"shared"
+    path = download(Resource("data.bin", server.url("/data.bin"), md5=md5(b"shared")), tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert (tmp_path / "data.bin.verified").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_data_marker_reads_the_scenario_spec(tmp_path, monkeypatch):
+    from clbench.scenario import ScenarioSpec
+
+    @dataclass
+    class NoOptions:
+        pass
+
+    def probe(options: NoOptions, data_root: Path) -> DataStatus:
+        return DataStatus(True, data_root / "here")
+
+    monkeypatch.setenv("CLBENCH_DATA", str(tmp_path))
+    spec = ScenarioSpec(default_backbone="b", modality="text", family="vision")
+    assert data_marker("x", None, NoOptions) == " [data: built in]"
+    assert data_marker("x", spec, NoOptions) == " [data: built in]"
+    with_data = ScenarioSpec("b", "text", "vision", data_status=probe)
+    assert data_marker("x", with_data, NoOptions) == f" [data: present in {tmp_path / 'here'}]"
 
 
 def test_sha256_is_checked_too(server, tmp_path):

@@ -8,17 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from clbench.errors import DataNotFoundError, UsageError
-from clbench.scenarios import relation_extraction as rex
-from clbench.scenarios.offline_vision import DigitsOptions, digits_offline
-from clbench.scenarios.relation_extraction import (
-    FewRelOfflineOptions,
-    encode_relation_examples,
-    fewrel_offline,
+from clbench.data import relation_tokens
+from clbench.data.relation_tokens import encode_relation_examples
+from clbench.data.relations import (
     load_fewrel_json,
     load_relation_names,
     split_relation_examples,
 )
+from clbench.errors import DataNotFoundError, UsageError
+from clbench.registry import SCENARIOS
+from clbench.scenario import ScenarioSpec, check_task_count, split_into_tasks
+from clbench.scenarios import relation_extraction as rex
+from clbench.scenarios.offline_vision import DigitsOptions, digits_offline
+from clbench.scenarios.relation_extraction import FewRelOfflineOptions, fewrel_offline
 
 FEWREL_FILE = Path(__file__).resolve().parents[1].parent / "shared/data/fewrel/val_wiki.json"
 needs_fewrel = pytest.mark.skipif(
@@ -167,7 +169,7 @@ def test_cache_is_reused(small_file, text_encoder, monkeypatch, tmp_path):
     def no_encoding(*args, **kwargs):
         raise AssertionError("re-tokenised although the cache was there")
 
-    monkeypatch.setattr(rex, "encode_relation_examples", no_encoding)
+    monkeypatch.setattr(relation_tokens, "encode_relation_examples", no_encoding)
     second = fewrel_offline(small_options(small_file), text_encoder, seed=0)
     assert second.details["token_cache"] == str(cache_file)
     assert torch.equal(first.details["validation"].inputs, second.details["validation"].inputs)
@@ -227,8 +229,38 @@ def test_scenarios_refuse_the_wrong_modality(small_file, text_encoder, vision_en
         fewrel_offline(small_options(small_file), vision_encoder, seed=0)
     with pytest.raises(UsageError, match="vision backbone"):
         digits_offline(DigitsOptions(), text_encoder, seed=0)
-    assert fewrel_offline.default_backbone == "minilm-l6"
-    assert digits_offline.default_backbone == "vit-tiny-random"
+    assert SCENARIOS.spec("fewrel-offline").default_backbone == "minilm-l6"
+    assert SCENARIOS.spec("digits-offline").default_backbone == "vit-tiny-random"
+
+
+def test_every_scenario_registers_a_typed_spec():
+    protocols = {}
+    for entry in SCENARIOS:
+        assert isinstance(entry.spec, ScenarioSpec), entry.name
+        for old_attribute in ("default_backbone", "data_status", "download", "check_options"):
+            assert not hasattr(entry.target, old_attribute), (entry.name, old_attribute)
+        protocols[entry.name] = entry.spec.protocol or entry.name
+    assert protocols == {
+        "digits-offline": "digits",
+        "fewrel": "fewrel",
+        "fewrel-offline": "fewrel",
+        "imagenet-r": "imagenet-r",
+        "split-cifar100": "split-cifar100",
+        "tacred": "tacred",
+    }
+    assert SCENARIOS.spec("fewrel-offline").metrics == ("faa", "caa", "ffm", "seen")
+    assert SCENARIOS.spec("digits-offline").family == "vision"
+    assert SCENARIOS.spec("digits-offline").data_status is None  # built in
+
+
+def test_one_task_count_check_keeps_every_message():
+    check_task_count(10, 5)
+    with pytest.raises(UsageError, match="cannot split 10 classes into 3 equal experiences"):
+        split_into_tasks(list(range(10)), 3)
+    with pytest.raises(UsageError, match=r"scenario x: cannot split 80 relations into 3 equal "):
+        check_task_count(80, 3, "x", unit="relations")
+    with pytest.raises(UsageError, match=r"100 classes into 0 equal tasks \(num_experiences must"):
+        check_task_count(100, 0, "split-cifar100")
 
 
 # --------------------------------------------------------------------- the real val_wiki

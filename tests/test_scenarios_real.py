@@ -12,18 +12,14 @@ import test_download
 import torch
 from test_download import IMAGENET_R_SIZES, cifar100_tarball, imagenet_r_tar, md5
 
+from clbench.data.relations import fit_task_count, split_relation_examples
 from clbench.errors import DataNotFoundError, UsageError
+from clbench.registry import SCENARIOS
 from clbench.scenario import seeded_class_order
 from clbench.scenarios import imagenet_r as inr
 from clbench.scenarios import relation_extraction as rex
 from clbench.scenarios.imagenet_r import ImageNetROptions, imagenet_r, make_split
-from clbench.scenarios.relation_extraction import (
-    FewRelOptions,
-    fewrel,
-    fit_per_relation,
-    fit_task_count,
-    split_relation_examples,
-)
+from clbench.scenarios.relation_extraction import FewRelOptions, fewrel, fit_per_relation
 from clbench.scenarios.split_cifar100 import SplitCIFAR100Options, split_cifar100
 from clbench.scenarios.tacred import TACREDOptions, tacred
 
@@ -126,7 +122,7 @@ def test_split_cifar100_bad_options_fail_before_download(
     with pytest.raises(UsageError, match=problem):
         split_cifar100(options, tiny_vit, seed=0)
     with pytest.raises(UsageError, match=problem):  # what a runner can check up front
-        split_cifar100.check_options(options)
+        SCENARIOS.spec("split-cifar100").check_options(options)
     assert server.requests == [] and not data_root.exists()
 
 

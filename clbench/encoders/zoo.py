@@ -69,10 +69,3 @@ def minilm_l6(options: TextOptions) -> PromptableEncoder:
 def bert_base_uncased(options: TextOptions) -> PromptableEncoder:
     return create_bert(options.path or "bert-base-uncased", options.pooling,
                        local_only=options.path is not None)
-
-
-def options_class(factory) -> type[Options]:
-    """The options dataclass a backbone factory takes (its annotated parameter)."""
-    from typing import get_type_hints
-
-    return get_type_hints(factory)["options"]

@@ -5,8 +5,9 @@ checksum that was published or cross-checked elsewhere. The rules (DESIGN.md: "r
 is downloaded or read from a data root with checksums"):
 
 * a download streams into a temporary file *in the target folder* and becomes visible
-  only by an atomic rename after its checksum matched, so a killed or corrupt download
-  never leaves a file that a later run would take for the real one;
+  only by an atomic rename (:func:`clbench.fileio.atomic_path`) after its checksum
+  matched, so a killed or corrupt download never leaves a file that a later run would
+  take for the real one;
 * a dropped connection is retried a few times with exponential back-off, resuming with an
   HTTP ``Range`` request when the server allows it (ImageNet-R is 2 GB);
 * a file already present and verified is not downloaded again; the verification is
@@ -18,12 +19,13 @@ is downloaded or read from a data root with checksums"):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import json
+import logging
 import os
 import shutil
-import sys
 import tarfile
 import time
 import urllib.error
@@ -31,8 +33,16 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from clbench.errors import DataNotFoundError
+from clbench.fileio import atomic_path, atomic_write_text
+from clbench.logs import TO_STDERR
+
+if TYPE_CHECKING:
+    from clbench.scenario import ScenarioSpec
+
+log = logging.getLogger(__name__)
 
 # Bounded: three retries with 1 s, 2 s, 4 s pauses, then a clean failure. Tests pass a
 # tiny back-off instead of waiting.
@@ -43,6 +53,11 @@ CHUNK_BYTES = 1 << 20
 USER_AGENT = "clbench-data-download/1"
 
 ProgressCallback = Callable[[int, "int | None"], None]
+
+
+def _status_line(message: str) -> None:
+    """Where status lines go unless the caller passes ``log=``: stderr, as progress."""
+    log.info(message, extra=TO_STDERR)
 
 
 class DownloadError(DataNotFoundError):
@@ -81,7 +96,8 @@ class Resource:
         return "md5", self.md5.lower()
 
 
-def file_digest(path: Path, algorithm: str) -> str:
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file, read in 1 MB blocks (never the whole file at once)."""
     digest = hashlib.new(algorithm)
     with Path(path).open("rb") as handle:
         for block in iter(lambda: handle.read(CHUNK_BYTES), b""):
@@ -100,12 +116,8 @@ def _write_note(path: Path, algorithm: str, digest: str) -> None:
     """Remember a verification; only a shortcut, so a read-only folder just goes without."""
     stat = path.stat()
     note = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, algorithm: digest}
-    tmp = _note_path(path).with_name(f".{path.name}.verified.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(json.dumps(note))
-        os.replace(tmp, _note_path(path))
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        atomic_write_text(_note_path(path), json.dumps(note))
 
 
 def _note_matches(path: Path, algorithm: str, digest: str) -> bool:
@@ -161,38 +173,39 @@ def download(
         return target
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    say = log or (lambda message: print(message, file=sys.stderr))
+    say = log or _status_line
     if target.exists():
         say(f"{target} does not match its checksum: downloading it again")
     say(f"downloading {resource.url} -> {target}")
     if progress is None:  # a 2 GB download should not look like a hang
         progress = print_progress()
-    part = folder / f".{resource.filename}.{os.getpid()}.part"
     algorithm, expected = resource.checksum
     try:
-        failures = _fetch_with_retries(
-            resource.url, part, retries, backoff_s, timeout_s, progress, say
-        )
-        if failures is not None:
-            raise DownloadError(
-                f"could not download {resource.url} ({len(failures)} attempts: "
-                f"{'; '.join(dict.fromkeys(failures))}). Without internet access, fetch the "
-                f"file elsewhere and put it at {target} (it must have {algorithm} {expected})"
+        # The part file keeps its name through the retries, so a retry resumes it; it is
+        # renamed over the target only once its checksum matched, and removed otherwise.
+        with atomic_path(target) as part:
+            failures = _fetch_with_retries(
+                resource.url, part, retries, backoff_s, timeout_s, progress, say
             )
-        actual = file_digest(part, algorithm)
-        if actual != expected:
-            raise ChecksumMismatchError(
-                f"{resource.url} downloaded, but its {algorithm} is {actual}, expected "
-                f"{expected}: the file was corrupted on the way or changed at the source; "
-                f"nothing was kept in {folder}. Try again, or fetch {resource.filename} "
-                f"by hand and put it there"
-            )
-        os.replace(part, target)
+            if failures is not None:
+                raise DownloadError(
+                    f"could not download {resource.url} ({len(failures)} attempts: "
+                    f"{'; '.join(dict.fromkeys(failures))}). Without internet access, fetch "
+                    f"the file elsewhere and put it at {target} (it must have {algorithm} "
+                    f"{expected})"
+                )
+            actual = file_digest(part, algorithm)
+            if actual != expected:
+                raise ChecksumMismatchError(
+                    f"{resource.url} downloaded, but its {algorithm} is {actual}, expected "
+                    f"{expected}: the file was corrupted on the way or changed at the source; "
+                    f"nothing was kept in {folder}. Try again, or fetch {resource.filename} "
+                    f"by hand and put it there"
+                )
         _note_path(target).unlink(missing_ok=True)
         _write_note(target, algorithm, expected)
         return target
     finally:
-        part.unlink(missing_ok=True)
         if created and not any(folder.iterdir()):
             folder.rmdir()  # leave no trace of a failed first download
 
@@ -266,14 +279,14 @@ def print_progress(prefix: str = "  ") -> ProgressCallback:
         if total:
             fraction = received / total
             if fraction >= state["next"] or received == total:
-                print(
+                log.info(
                     f"{prefix}{received / 2**20:8.1f} / {total / 2**20:.1f} MB "
                     f"({100 * fraction:3.0f}%)",
-                    file=sys.stderr,
+                    extra=TO_STDERR,
                 )
                 state["next"] = fraction + 0.1
         elif received >= state["next"]:
-            print(f"{prefix}{received / 2**20:8.1f} MB", file=sys.stderr)
+            log.info(f"{prefix}{received / 2**20:8.1f} MB", extra=TO_STDERR)
             state["next"] = received + 50 * 2**20
 
     return report
@@ -313,8 +326,11 @@ def extract_tar(archive: Path, destination: Path, top_level: str) -> Path:
                 members = tar.getmembers()
                 for member in members:
                     _check_member(member, archive)
-                kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-                tar.extractall(staging, members=members, **kwargs)  # noqa: S202 (checked above)
+                # Python >= 3.12 (and patched 3.10 / 3.11) also apply the "data" filter
+                if hasattr(tarfile, "data_filter"):
+                    tar.extractall(staging, members=members, filter="data")  # noqa: S202
+                else:  # every member was checked above
+                    tar.extractall(staging, members=members)  # noqa: S202
         except (tarfile.TarError, EOFError, OSError) as error:
             raise DataNotFoundError(
                 f"{archive} is not a readable tar archive ({error}); delete it and download "
@@ -341,8 +357,9 @@ def extract_tar(archive: Path, destination: Path, top_level: str) -> Path:
 def mark_complete(folder: Path, source: Resource) -> None:
     """Write ``folder/.clbench-complete`` naming the verified archive it came from."""
     algorithm, digest = source.checksum
-    marker = Path(folder) / ".clbench-complete"
-    marker.write_text(json.dumps({"source": source.url, algorithm: digest}))
+    atomic_write_text(
+        Path(folder) / ".clbench-complete", json.dumps({"source": source.url, algorithm: digest})
+    )
 
 
 def is_complete(folder: Path, source: Resource) -> bool:
@@ -372,9 +389,7 @@ def download_and_extract(
     archive = download(
         resource, folder, retries=retries, backoff_s=backoff_s, progress=progress, log=log
     )
-    (log or (lambda message: print(message, file=sys.stderr)))(
-        f"extracting {archive} -> {destination}"
-    )
+    (log or _status_line)(f"extracting {archive} -> {destination}")
     extract_tar(archive, destination, top_level)
     mark_complete(destination, resource)
     return destination
@@ -393,23 +408,20 @@ class DataStatus:
     downloadable: bool = True  # False for licensed data the user must supply
 
 
-def data_marker(name: str, scenario_factory: Callable[..., object]) -> str:
+def data_marker(name: str, spec: ScenarioSpec | None, options_type: type) -> str:
     """`` [data: ...]`` for ``clbench list``: present / missing under the data root.
 
-    A scenario advertises its data through attributes of its factory:
-    ``data_status(options, data_root) -> DataStatus``, ``download(options, data_root)``
-    (what ``clbench download`` calls) and ``check_options(options)`` (the checks that need
-    no data, for a caller that wants to refuse bad options before any work). One without
-    them needs no data files (bundled, or generated).
+    ``spec`` is the scenario's registered :class:`~clbench.scenario.ScenarioSpec` (its
+    ``data_status`` probes for the data; a scenario without one needs no data files:
+    bundled, or generated); ``options_type`` its options dataclass
+    (:func:`clbench.registry.options_class`), probed with the default options.
     """
-    status_of = getattr(scenario_factory, "data_status", None)
-    if status_of is None:
+    if spec is None or spec.data_status is None:
         return " [data: built in]"
-    from clbench.runner import options_class
     from clbench.scenario import default_data_root
 
     try:
-        status = status_of(options_class(scenario_factory)(), default_data_root())
+        status = spec.data_status(options_type(), default_data_root())
     except Exception as error:  # a listing must not fail on one scenario's probe
         return f" [data: unknown ({type(error).__name__})]"
     if status.present:

@@ -1,0 +1,12 @@
+"""Data code the scenario files share, so that a scenario file holds only its protocol.
+
+- :mod:`~clbench.data.download`: fetching, verifying and extracting published files;
+  ``DataStatus`` and the ``clbench list`` data marker.
+- :mod:`~clbench.data.archive`: ``ArchiveData``, a data set shipped as one archive
+  (its folder under the data root, status, fetch-once).
+- :mod:`~clbench.data.files`: the repository root and small JSON / file-lookup helpers.
+- :mod:`~clbench.data.vision`: ViT transforms, the transform-group benchmark, class orders.
+- :mod:`~clbench.data.relations`: FewRel-format relation data (format checks, the
+  RP-CRE / CRL split, the relation-scenario builder); :mod:`~clbench.data.relation_tokens`
+  its entity-marked encoding and on-disk token cache.
+"""

@@ -1,0 +1,107 @@
+"""Vision pieces the image scenarios share: the backbone check, class orders, the ViT
+train / eval transforms and the class-incremental benchmark with transform groups.
+
+Images stay uint8 in memory; resizing and augmentation run per item, in the DataLoader's
+worker processes, through Avalanche transform groups ("train" augments, "eval" does
+Resize(256/224 x size) + CenterCrop(size), as for ImageNet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+
+from clbench.errors import UsageError
+from clbench.scenario import seeded_class_order, split_into_tasks
+
+ClassOrder = Literal["seed", "natural"]
+CLASS_ORDERS: tuple[str, ...] = ("seed", "natural")
+
+
+def require_vision_encoder(
+    encoder: Any, scenario: str, examples: str = "vit-b16-in21k or vit-tiny-random"
+) -> tuple[int, int]:
+    """The encoder's (height, width); a text backbone is refused before any data work."""
+    if getattr(encoder, "modality", None) != "vision" or not hasattr(encoder, "input_size"):
+        raise UsageError(
+            f"scenario {scenario} needs a vision backbone, e.g. {examples} "
+            f"(got a {getattr(encoder, 'modality', None) or type(encoder).__name__} backbone)"
+        )
+    return int(encoder.input_size[1]), int(encoder.input_size[2])
+
+
+def resolve_class_order(kind: str, num_classes: int, seed: int) -> list[int]:
+    """``seed``: NoRGa's ``random.seed(seed)`` shuffle; ``natural``: 0..n-1 (HiDe's)."""
+    if kind == "seed":
+        return seeded_class_order(num_classes, seed)
+    if kind == "natural":
+        return list(range(num_classes))
+    raise UsageError(f"unknown class_order {kind!r}; expected one of {', '.join(CLASS_ORDERS)}")
+
+
+def vit_train_transform(
+    size: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    scale: tuple[float, float] = (0.08, 1.0),
+) -> Any:
+    """RandomResizedCrop(size, scale) + horizontal flip, on uint8 [3, H, W] tensors."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=scale, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+def vit_eval_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Any:
+    """Resize the short side to 256/224 of the input size, then a centre crop (ImageNet's)."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.Resize(round(min(size) * 256 / 224), antialias=True),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(mean), list(std)),
+        ]
+    )
+
+
+def class_incremental_with_transforms(
+    train: Any,
+    test: Any,
+    class_order: Sequence[int],
+    num_experiences: int,
+    train_transform: Any,
+    eval_transform: Any,
+) -> tuple[Any, list[list[int]]]:
+    """:func:`clbench.scenario.class_incremental`, with Avalanche transform groups.
+
+    Avalanche switches every experience's dataset to its "train" group in
+    ``strategy.train`` and to "eval" in ``strategy.eval``; the test datasets start in
+    "eval" so that indexing them directly never augments.
+    """
+    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+    from avalanche.benchmarks.utils import as_classification_dataset
+    from avalanche.benchmarks.utils.transform_groups import TransformGroups
+
+    def groups() -> TransformGroups:
+        return TransformGroups({"train": train_transform, "eval": eval_transform})
+
+    classes = split_into_tasks(class_order, num_experiences)
+    benchmark = class_incremental_benchmark(
+        {
+            "train": as_classification_dataset(train, transform_groups=groups()),
+            "test": as_classification_dataset(test, transform_groups=groups()).eval(),
+        },
+        class_order=list(class_order),
+        num_experiences=num_experiences,
+    )
+    return benchmark, classes
