@@ -6,6 +6,7 @@ anything is written; ``execute`` runs it into a run folder and can resume one.
 
 from __future__ import annotations
 
+import logging
 import random
 import resource
 import signal
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,11 +25,16 @@ from avalanche.core import SupervisedPlugin
 from clbench import __version__
 from clbench.config import apply_overrides
 from clbench.errors import UsageError
-from clbench.registry import BACKBONES, SCENARIOS, load_strategy_class
+from clbench.registry import BACKBONES, SCENARIOS, load_strategy_class, options_class
 from clbench.results import ExperienceRecord, RunFolder
+from clbench.results.checkpoint import load_checkpoint, save_checkpoint
+from clbench.scenario import Scenario, ScenarioSpec
 from clbench.strategy import CLStrategy, EpochProgress
 
+__all__ = ["RunRequest", "execute", "new_run_folder", "options_class", "resolve_run"]
+
 PROTOCOL_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,11 +48,6 @@ class RunRequest:
     scenario_overrides: dict[str, str] = field(default_factory=dict)
     backbone_overrides: dict[str, str] = field(default_factory=dict)
     device: str = "auto"
-
-
-def options_class(factory: Callable[..., Any]) -> type:
-    """The options dataclass a scenario / backbone factory takes as ``options``."""
-    return get_type_hints(factory)["options"]
 
 
 def resolve_device(device: str) -> str:
@@ -76,9 +77,8 @@ def resolve_run(request: RunRequest) -> dict[str, Any]:
     """A full, validated configuration (a JSON-able dict); raises UsageError on bad input."""
     strategy_class = load_strategy_class(request.strategy)
     scenario_factory = SCENARIOS.get(request.scenario)
-    backbone = request.backbone or getattr(scenario_factory, "default_backbone", None)
-    if backbone is None:
-        raise UsageError(f"scenario {request.scenario} names no default backbone: pass --backbone")
+    spec: ScenarioSpec = SCENARIOS.spec(request.scenario)
+    backbone = request.backbone or spec.default_backbone
     backbone_factory = BACKBONES.get(backbone)
     preset, preset_values = resolve_preset(strategy_class, request.preset, request.scenario)
     strategy_config = apply_overrides(strategy_class.Config(), preset_values, what=f"{strategy_class.name} preset")
@@ -86,9 +86,8 @@ def resolve_run(request: RunRequest) -> dict[str, Any]:
     scenario_options = apply_overrides(options_class(scenario_factory)(), request.scenario_overrides, what=f"scenario {request.scenario}")
     backbone_options = apply_overrides(options_class(backbone_factory)(), request.backbone_overrides, what=f"backbone {backbone}")
     # checks that need no data (task counts, class orders) refuse before a folder exists
-    check_options = getattr(scenario_factory, "check_options", None)
-    if check_options is not None:
-        check_options(scenario_options)
+    if spec.check_options is not None:
+        spec.check_options(scenario_options)
     return {
         "clbench_version": __version__,
         "protocol_version": PROTOCOL_VERSION,
@@ -101,6 +100,10 @@ def resolve_run(request: RunRequest) -> dict[str, Any]:
         "strategy_options": strategy_config.to_dict(),
         "scenario_options": scenario_options.to_dict(),
         "backbone_options": backbone_options.to_dict(),
+        # what the tables need to know about the scenario, so they never special-case names
+        "scenario_family": spec.family,
+        "scenario_protocol": spec.protocol or request.scenario,
+        "metrics": list(spec.metrics),
     }
 
 
@@ -143,7 +146,7 @@ def _peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def build_components(config: dict[str, Any]) -> tuple[CLStrategy, Any]:
+def build_components(config: dict[str, Any]) -> tuple[CLStrategy, Scenario]:
     """Encoder, scenario and strategy of a resolved configuration (seeded)."""
     seed_everything(config["seed"])
     backbone_factory = BACKBONES.get(config["backbone"])
@@ -157,6 +160,7 @@ def build_components(config: dict[str, Any]) -> tuple[CLStrategy, Any]:
         encoder=encoder, num_classes=scenario.num_classes,
         config=strategy_class.Config(**config["strategy_options"]),
         device=config["device"], plugins=[EpochProgress()], class_names=scenario.class_names,
+        num_tasks=scenario.num_experiences,
     )
     return strategy, scenario
 
@@ -166,28 +170,37 @@ def _terminate_as_interrupt(signum: int, frame: Any) -> None:
 
 
 def execute(folder: RunFolder, config: dict[str, Any] | None = None, *, resume: bool = False,
-            echo: Callable[[str], None] = print) -> RunFolder:
-    """Run (or resume) the configuration into ``folder``; returns the folder."""
+            echo: Callable[[str], None] | None = None) -> RunFolder:
+    """Run (or resume) the configuration into ``folder``; returns the folder.
+
+    A new run builds its encoder, scenario and strategy *before* the folder is created, so
+    bad input that only shows while building (a missing data set, options a strategy's
+    ``setup`` refuses) raises with nothing written. ``echo`` receives the progress lines
+    (default: the ``clbench.runner`` logger).
+    """
+    say = echo if echo is not None else log.info
     if resume:
         if not folder.exists():
             raise UsageError(f"{folder.path} is not a clbench run folder (no config.json)")
         config = folder.config()
         if folder.status().get("state") == "complete":
-            echo(f"{folder.path}: already complete")
+            say(f"{folder.path}: already complete")
             return folder
+        components = build_components(config)
     else:
         assert config is not None
+        components = build_components(config)
         folder.path.mkdir(parents=True, exist_ok=False)
         folder.write_config(config)
     folder.write_environment(config["device"])
     previous_handler = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     try:
-        return _run_experiences(folder, config, resume, echo)
+        return _run_experiences(folder, config, components, resume, say)
     except KeyboardInterrupt:
         finished = len(folder.records())
         folder.set_status("interrupted", finished_experiences=finished)
-        echo(f"interrupted after {finished} finished experiences; "
-             f"resume with: clbench run --resume {folder.path}")
+        say(f"interrupted after {finished} finished experiences; "
+            f"resume with: clbench run --resume {folder.path}")
         raise
     except BaseException as error:
         folder.set_status("failed", finished_experiences=len(folder.records()),
@@ -197,14 +210,15 @@ def execute(folder: RunFolder, config: dict[str, Any] | None = None, *, resume: 
         signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _run_experiences(folder: RunFolder, config: dict[str, Any], resume: bool,
+def _run_experiences(folder: RunFolder, config: dict[str, Any],
+                     components: tuple[CLStrategy, Scenario], resume: bool,
                      echo: Callable[[str], None]) -> RunFolder:
-    strategy, scenario = build_components(config)
+    strategy, scenario = components
     train_stream = scenario.benchmark.train_stream
     test_stream = scenario.benchmark.test_stream
     start = 0
     if resume and (folder.path / "checkpoint.pt").is_file():
-        checkpoint = folder.load_checkpoint()
+        checkpoint = load_checkpoint(folder)
         strategy.load_state_dict(checkpoint["strategy"])
         start = checkpoint["finished_experiences"]
         if len(folder.records()) < start:  # killed between checkpoint and progress record
@@ -243,8 +257,8 @@ def _run_experiences(folder: RunFolder, config: dict[str, Any], resume: bool,
             train_seconds=train_seconds, eval_seconds=eval_seconds,
             peak_memory_mb=_peak_memory_mb(device), extra=strategy.evaluation_summary(),
         )
-        folder.save_checkpoint({"strategy": strategy.state_dict(),
-                                "finished_experiences": index + 1, "record": vars(record)})
+        save_checkpoint(folder, {"strategy": strategy.state_dict(),
+                                 "finished_experiences": index + 1, "record": vars(record)})
         folder.append_record(record)
         folder.set_status("running", finished_experiences=index + 1)
         summary = folder.metrics()

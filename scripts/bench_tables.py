@@ -27,9 +27,18 @@ from pathlib import Path
 
 import numpy as np
 
-from clbench import tables
+from clbench.reporting.display import TableRequest, build_tables
+from clbench.reporting.render import render
+from clbench.results import write_run_folder
 
 SCENARIOS = ("fewrel", "tacred", "split-cifar100", "imagenet-r")
+# what each scenario's spec declares (config.json records it): the CRE ones have a Seen column
+FAMILIES = {
+    "fewrel": "relation-extraction",
+    "tacred": "relation-extraction",
+    "split-cifar100": "vision",
+    "imagenet-r": "vision",
+}
 STRATEGIES = ("l2p", "dualprompt", "coda-prompt", "hide-prompt", "wave-cre")
 BACKBONES = ("vit-b16-in21k", "bert-base-uncased")
 TASKS = 10
@@ -89,7 +98,9 @@ def write_runs(root: Path, count: int) -> int:
             state, matrix = "running", matrix[:7]
         folder = root / scenario / strategy / f"{backbone}_seed{seed}_20260101-000000"
         config = synthetic_config(scenario, strategy, backbone, seed)
-        tables.write_run_folder(folder, config, matrix, [500] * TASKS, state=state)
+        write_run_folder(
+            folder, config, matrix, [500] * TASKS, state=state, family=FAMILIES[scenario]
+        )
         written += 1
     return written
 
@@ -123,14 +134,14 @@ def main() -> None:
               f"{time.perf_counter() - began:.1f}s under {root}")  # fmt: skip
 
         def summary() -> str:
-            request = tables.TableRequest(paths=[root])
-            return tables.render(tables.build_tables(request), "markdown")
+            request = TableRequest(paths=[root])
+            return render(build_tables(request), "markdown")
 
         def everything() -> str:
-            request = tables.TableRequest(
+            request = TableRequest(
                 paths=[root], per_task=True, reference=True, include_incomplete=True
             )
-            return tables.render(tables.build_tables(request), "markdown")
+            return render(build_tables(request), "markdown")
 
         report("in-process: summary table", best_of(args.repeat, summary), count)
         report("in-process: + per-task, reference, incomplete", best_of(args.repeat, everything),

@@ -6,10 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from run_folders import write_run
 
-from clbench import metrics, plots, report, tables
+from clbench import metrics
 from clbench.cli import main
 from clbench.errors import UsageError
+from clbench.reporting import plots, report
+from clbench.reporting.runs import filter_runs, load_runs
+from clbench.reporting.summary import TableOptions, assign_rows
 
 
 def make_run(root: Path, scenario: str, strategy: str, seed: int, accuracy, **kwargs) -> Path:
@@ -21,7 +25,7 @@ def make_run(root: Path, scenario: str, strategy: str, seed: int, accuracy, **kw
     }  # fmt: skip
     folder = root / scenario / strategy / f"{config['backbone']}_seed{seed}_x"
     counts = kwargs.pop("counts", [100] * tasks)
-    return tables.write_run_folder(folder, config, accuracy, counts, **kwargs)
+    return write_run(folder, config, accuracy, counts, **kwargs)
 
 
 @pytest.fixture
@@ -38,9 +42,10 @@ def results(tmp_path: Path) -> Path:
 
 def test_forgetting_per_task_is_the_terms_of_ffm() -> None:
     matrix = np.array([[90, 0, 0], [80, 70, 0], [70, 60, 80]], dtype=float)
-    assert tables.forgetting_per_task(matrix).tolist() == [20.0, 10.0]
-    assert np.mean(tables.forgetting_per_task(matrix)) == metrics.final_forgetting(matrix)
-    assert tables.average_accuracy_curve(matrix).tolist() == [90.0, 75.0, 70.0]
+    assert metrics.forgetting_terms(matrix).tolist() == [20.0, 10.0]
+    assert np.mean(metrics.forgetting_terms(matrix)) == metrics.final_forgetting(matrix)
+    assert metrics.average_accuracy_curve(matrix).tolist() == [90.0, 75.0, 70.0]
+    assert metrics.average_accuracy_curve(matrix)[-1] == metrics.final_average_accuracy(matrix)
 
 
 def test_plot_files_are_written_and_not_empty(results: Path, tmp_path: Path) -> None:
@@ -68,9 +73,9 @@ def test_plot_files_are_written_and_not_empty(results: Path, tmp_path: Path) -> 
 
 
 def test_curves_show_mean_and_band_over_seeds(results: Path) -> None:
-    runs = tables.assign_rows(tables.load_runs([results], with_matrix=True),
-                              tables.TableOptions())  # fmt: skip
-    specs = plots.build_figures(runs, tables.TableOptions(), ["curves"], "auto")
+    runs = assign_rows(load_runs([results], with_matrix=True),
+                              TableOptions())  # fmt: skip
+    specs = plots.build_figures(runs, TableOptions(), ["curves"], "auto")
     digits = next(s for s in specs if s.name == "curves_digits-offline_vit-tiny-random")
     axes = digits.figure.axes[0]
     lines = {line.get_label(): line for line in axes.get_lines()}
@@ -86,12 +91,13 @@ def test_curves_show_mean_and_band_over_seeds(results: Path) -> None:
 def test_a_legend_of_long_settings_stays_inside_the_figure(tmp_path: Path) -> None:
     root = tmp_path / "results"
     for index in range(4):
-        make_run(root, "fewrel-offline", f"l2p-{index}", 0, [[90, 0], [80, 70]],
-                 backbone="minilm-l6")
-    runs = tables.assign_rows(tables.load_runs([root], with_matrix=True), tables.TableOptions())
+        make_run(
+            root, "fewrel-offline", f"l2p-{index}", 0, [[90, 0], [80, 70]], backbone="minilm-l6"
+        )
+    runs = assign_rows(load_runs([root], with_matrix=True), TableOptions())
     # settings as long as "epochs=1, precision=(not recorded)" and longer
     runs["setting"] = "epochs=1, precision=(not recorded), " + runs["strategy"]
-    for spec in plots.build_figures(runs, tables.TableOptions(), ["curves", "forgetting"], "auto"):
+    for spec in plots.build_figures(runs, TableOptions(), ["curves", "forgetting"], "auto"):
         figure = spec.figure
         figure.savefig(tmp_path / "probe.png")  # lays the figure out
         legend = figure.legends[0].get_window_extent()
@@ -100,9 +106,9 @@ def test_a_legend_of_long_settings_stays_inside_the_figure(tmp_path: Path) -> No
 
 
 def test_heatmap_is_the_mean_matrix_with_unseen_tasks_blank(results: Path) -> None:
-    runs = tables.assign_rows(tables.load_runs([results], with_matrix=True),
-                              tables.TableOptions())  # fmt: skip
-    rows = plots.row_runs(runs, tables.TableOptions())
+    runs = assign_rows(load_runs([results], with_matrix=True),
+                              TableOptions())  # fmt: skip
+    rows = plots.row_runs(runs, TableOptions())
     l2p = next(
         r for r in rows if r.key["strategy"] == "l2p" and r.key["scenario"] == "digits-offline"
     )
@@ -126,10 +132,10 @@ def test_plot_cli_and_errors(results: Path, tmp_path: Path, capsys) -> None:
     assert "unknown plot kind 'pie'" in capsys.readouterr().err
     assert main(["plot", str(results), "-f", "gif"]) == 2
     with pytest.raises(UsageError, match="no complete run"):
-        only_failed = tables.filter_runs(tables.load_runs([results]), {"strategy": ["seq-ft"],
+        only_failed = filter_runs(load_runs([results]), {"strategy": ["seq-ft"],
                                                                        "seed": ["1"]})  # fmt: skip
-        plots.build_figures(tables.assign_rows(only_failed, tables.TableOptions()),
-                            tables.TableOptions(), plots.KINDS, "auto")  # fmt: skip
+        plots.build_figures(assign_rows(only_failed, TableOptions()),
+                            TableOptions(), plots.KINDS, "auto")  # fmt: skip
 
 
 def test_html_report_is_self_contained(results: Path, tmp_path: Path) -> None:

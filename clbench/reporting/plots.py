@@ -1,7 +1,8 @@
 """Figures of run folders: accuracy-matrix heatmaps, accuracy after each task, forgetting.
 
-Pure functions of the run folders, like :mod:`clbench.tables` (whose grouping they share:
-one curve or heatmap per table row, only complete runs averaged). Figures are built with
+Pure functions of the run folders, like the tables (whose grouping they share: one curve
+or heatmap per table row, only complete runs averaged; the numbers are those of
+:mod:`clbench.metrics`). Figures are built with
 matplotlib's object API (``matplotlib.figure.Figure``), never ``pyplot``: no display, no
 global figure registry to leak from, and the Agg renderer writes PNG (PDF through its own
 backend), so the commands work on a headless machine.
@@ -21,8 +22,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from clbench import tables
+from clbench import metrics
 from clbench.errors import UsageError
+from clbench.reporting.runs import filter_runs, load_runs
+from clbench.reporting.summary import (
+    TableOptions,
+    accuracy_curve,
+    assign_rows,
+    check_per_task_metric,
+    curve_metric,
+    mean_std,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -56,7 +66,7 @@ class PlotRequest:
     kinds: tuple[str, ...] = KINDS
     formats: tuple[str, ...] = ("png",)
     filters: dict[str, list[str]] = field(default_factory=dict)
-    options: tables.TableOptions = field(default_factory=tables.TableOptions)
+    options: TableOptions = field(default_factory=TableOptions)
     per_task_metric: str = "auto"
     dpi: int = 150
 
@@ -69,7 +79,7 @@ class PlotRequest:
                 raise UsageError(
                     f"unknown image format {fmt!r}; valid formats: {', '.join(IMAGE_FORMATS)}"
                 )
-        tables.curve_metric("", self.per_task_metric)  # validates the name
+        check_per_task_metric(self.per_task_metric)
 
 
 # -- grouping ---------------------------------------------------------------------------
@@ -85,10 +95,10 @@ class RowRuns:
     runs: pd.DataFrame
 
 
-def row_runs(runs: pd.DataFrame, options: tables.TableOptions) -> list[RowRuns]:
+def row_runs(runs: pd.DataFrame, options: TableOptions) -> list[RowRuns]:
     """Complete (averaged) runs grouped into the rows of ``clbench table``."""
     if "averaged" not in runs:
-        runs = tables.assign_rows(runs, options)
+        runs = assign_rows(runs, options)
     averaged = runs[runs["averaged"]]
     several_protocols = averaged["protocol"].nunique() > 1
     label_keys = [k for k in options.row_keys if k not in options.block_keys]
@@ -115,14 +125,14 @@ def colour_map(labels: Sequence[str]) -> dict[str, tuple[str, str]]:
 
 
 def curve_series(row: RowRuns, metric: str, ddof: int) -> Series:
-    curves = [tables.accuracy_curve(run, metric) for _, run in row.runs.iterrows()]
-    mean, std, _ = tables.mean_std(curves, ddof)
+    curves = [accuracy_curve(run, metric) for _, run in row.runs.iterrows()]
+    mean, std, _ = mean_std(curves, ddof)
     return Series(row.label, mean, std, len(curves))
 
 
 def forgetting_series(row: RowRuns, ddof: int) -> Series:
-    drops = [tables.forgetting_per_task(run["matrix"]) for _, run in row.runs.iterrows()]
-    mean, std, _ = tables.mean_std(drops, ddof)
+    drops = [metrics.forgetting_terms(run["matrix"]) for _, run in row.runs.iterrows()]
+    mean, std, _ = mean_std(drops, ddof)
     return Series(row.label, mean, std, len(drops))
 
 
@@ -271,12 +281,12 @@ class FigureSpec:
     figure: Figure
 
 
-def _block_title(row: RowRuns, options: tables.TableOptions) -> str:
+def _block_title(row: RowRuns, options: TableOptions) -> str:
     return " · ".join(row.key[k] for k in options.block_keys) or "all runs"
 
 
 def build_figures(
-    runs: pd.DataFrame, options: tables.TableOptions, kinds: Sequence[str], per_task_metric: str
+    runs: pd.DataFrame, options: TableOptions, kinds: Sequence[str], per_task_metric: str
 ) -> list[FigureSpec]:
     """Every figure asked for, from runs loaded ``with_matrix=True``."""
     rows = row_runs(runs, options)
@@ -290,14 +300,10 @@ def build_figures(
     for block, members in blocks.items():
         where = _block_title(members[0], options)
         if "curves" in kinds:
-            metrics = {
-                tables.curve_metric(r.key.get("scenario", ""), per_task_metric) for r in members
-            }
-            for metric in sorted(metrics):
-                chosen = [
-                    r for r in members
-                    if tables.curve_metric(r.key.get("scenario", ""), per_task_metric) == metric
-                ]  # fmt: skip
+            drawn = [(r, curve_metric(r.runs, per_task_metric)) for r in members]
+            curve_metrics = sorted({metric for _, metric in drawn})
+            for metric in curve_metrics:
+                chosen = [r for r, drawn_metric in drawn if drawn_metric == metric]
                 ylabel = (
                     "accuracy on all seen classes (%)"
                     if metric == "seen"
@@ -306,7 +312,7 @@ def build_figures(
                 series = [curve_series(r, metric, options.ddof) for r in chosen]
                 title = f"Accuracy after each task — {where}"
                 specs.append(FigureSpec(
-                    "curves", slug("curves", *block, metric if len(metrics) > 1 else ""), title,
+                    "curves", slug("curves", *block, metric if len(curve_metrics) > 1 else ""), title,
                     curves_figure(series, colours, title, ylabel),
                 ))  # fmt: skip
         if "forgetting" in kinds:
@@ -328,8 +334,8 @@ def build_figures(
 
 def make_plots(request: PlotRequest) -> list[Path]:
     """Write the figures of ``clbench plot``; returns the files written."""
-    runs = tables.load_runs(request.paths, with_matrix=True)
-    runs = tables.assign_rows(tables.filter_runs(runs, request.filters), request.options)
+    runs = load_runs(request.paths, with_matrix=True)
+    runs = assign_rows(filter_runs(runs, request.filters), request.options)
     written: list[Path] = []
     for spec in build_figures(runs, request.options, request.kinds, request.per_task_metric):
         written += save_figure(spec.figure, request.out_dir / spec.name, request.formats,

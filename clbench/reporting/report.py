@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from html import escape
@@ -17,8 +16,23 @@ from pathlib import Path
 
 import pandas as pd
 
-from clbench import __version__, plots, tables
+from clbench import __version__
 from clbench.errors import UsageError
+from clbench.reporting import plots
+from clbench.reporting.display import (
+    DisplayTable,
+    comparison_table,
+    main_table,
+    not_averaged_table,
+    per_task_table,
+    run_counts_text,
+)
+from clbench.reporting.reference import default_reference_dir, load_reference, reference_comparison
+from clbench.reporting.render import to_html as table_html
+from clbench.reporting.render import to_markdown as table_markdown
+from clbench.reporting.runs import filter_runs, load_runs
+from clbench.reporting.summary import TableOptions, assign_rows, per_task_summary, summarise
+from clbench.results.folder import RunFolder
 
 REPORT_FORMATS = ("html", "markdown")
 
@@ -45,7 +59,7 @@ class ReportRequest:
     out: Path | None = None  # default: report.html, or the folder report/ for Markdown
     fmt: str = "html"
     filters: dict[str, list[str]] = field(default_factory=dict)
-    options: tables.TableOptions = field(default_factory=tables.TableOptions)
+    options: TableOptions = field(default_factory=TableOptions)
     reference: bool = True
     reference_dir: Path | None = None
     title: str | None = None
@@ -61,43 +75,43 @@ class ReportRequest:
 @dataclass
 class ReportContent:
     title: str
-    tables: list[tables.DisplayTable]
+    tables: list[DisplayTable]
     figures: list[plots.FigureSpec]
     facts: list[str]  # one line each: what was read, software, hardware
 
 
 def gather(request: ReportRequest) -> ReportContent:
     """Tables and figures of the report: pure functions of the run folders."""
-    runs = tables.load_runs(request.paths, with_matrix=True)
-    runs = tables.assign_rows(tables.filter_runs(runs, request.filters), request.options)
-    summary = tables.summarise(runs, request.options)
-    shown = [tables.main_table(summary, runs, request.options)]
+    runs = load_runs(request.paths, with_matrix=True)
+    runs = assign_rows(filter_runs(runs, request.filters), request.options)
+    summary = summarise(runs, request.options)
+    shown = [main_table(summary, runs, request.options)]
     if runs["averaged"].any():
-        per_task = tables.per_task_summary(runs, request.options)
-        shown.append(tables.per_task_table(per_task, request.options))
+        per_task = per_task_summary(runs, request.options)
+        shown.append(per_task_table(per_task, request.options))
     reference_note = "published numbers: not shown (--no-reference)"
     if request.reference:
-        directory = request.reference_dir or tables.default_reference_dir()
+        directory = request.reference_dir or default_reference_dir()
         if directory is None:
             reference_note = "published numbers: no reference folder found"
         else:
-            comparison = tables.reference_comparison(
+            comparison = reference_comparison(
                 summary,
-                tables.load_reference(directory),
+                load_reference(directory),
                 request.options,
                 request.filters.get("strategy", ()),
             )
             if len(comparison):
-                shown.append(tables.comparison_table(comparison, request.options))
+                shown.append(comparison_table(comparison, request.options))
             reference_note = f"published numbers from {directory}"
     if not runs["averaged"].all():
-        shown.append(tables.not_averaged_table(runs, request.options, request.paths))
+        shown.append(not_averaged_table(runs, request.options, request.paths))
     figures = []
     if runs["averaged"].any():
         figures = tables_figures(runs, request.options)
     facts = [
         "results: " + ", ".join(str(p) for p in request.paths),
-        "runs: " + tables.run_counts_text(runs),
+        "runs: " + run_counts_text(runs),
         reference_note,
         *environment_facts(runs),
         f"made by clbench {__version__} on "
@@ -107,7 +121,7 @@ def gather(request: ReportRequest) -> ReportContent:
     return ReportContent(title, shown, figures, facts)
 
 
-def tables_figures(runs: pd.DataFrame, options: tables.TableOptions) -> list[plots.FigureSpec]:
+def tables_figures(runs: pd.DataFrame, options: TableOptions) -> list[plots.FigureSpec]:
     # Curves and forgetting first: they compare methods; heatmaps detail one method each.
     specs = plots.build_figures(runs, options, plots.KINDS, "auto")
     order = {kind: i for i, kind in enumerate(("curves", "forgetting", "heatmap"))}
@@ -119,7 +133,7 @@ def environment_facts(runs: pd.DataFrame) -> list[str]:
     seen: dict[str, dict[str, int]] = {"git commit": {}, "torch": {}, "device": {}}
     for path in runs.loc[runs["averaged"], "path"]:
         try:
-            environment = json.loads((Path(path) / "environment.json").read_text())
+            environment = RunFolder(path).environment()
         except (OSError, ValueError):
             continue
         for label, value in (
@@ -151,7 +165,7 @@ def to_html(content: ReportContent, dpi: int) -> str:
         f"<h1>{escape(content.title)}</h1>",
         "<ul>" + "".join(f"<li>{escape(fact)}</li>" for fact in content.facts) + "</ul>",
     ]
-    parts += [tables.to_html(table) for table in content.tables]
+    parts += [table_html(table) for table in content.tables]
     if content.figures:
         parts.append("<h2>Figures</h2>")
     for spec in content.figures:
@@ -168,7 +182,7 @@ def to_html(content: ReportContent, dpi: int) -> str:
 def write_markdown(content: ReportContent, folder: Path, dpi: int) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     lines = [f"# {content.title}", "", *[f"- {fact}" for fact in content.facts], ""]
-    lines += [tables.to_markdown(table) for table in content.tables]
+    lines += [table_markdown(table) for table in content.tables]
     if content.figures:
         lines += ["## Figures", ""]
     for spec in content.figures:

@@ -1,0 +1,215 @@
+"""RunFolder: the only reader and writer of a run folder's JSON and CSV files.
+
+Every file is written through :mod:`clbench.fileio` (temporary name, then rename), so a
+killed process leaves either the old or the new version, never half of one. Nothing here
+imports torch: the tables, ``clbench tree`` and the sweep status read run folders through
+this module as fast as Python starts (the checkpoint lives in
+:mod:`clbench.results.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clbench import metrics
+from clbench.fileio import atomic_write_json, atomic_write_text
+
+CONFIG = "config.json"
+ENVIRONMENT = "environment.json"
+PROGRESS = "progress.json"
+METRICS = "metrics.json"
+ACCURACY_MATRIX = "accuracy_matrix.csv"
+STATUS = "status.json"
+
+# The family a run made before config.json recorded one is taken to belong to.
+LEGACY_FAMILY = "vision"
+
+
+@dataclass
+class ExperienceRecord:
+    """One finished experience, as progress.json lists it."""
+
+    experience: int
+    accuracy: list[float]  # % per test experience (seen and unseen)
+    correct: list[int]
+    counts: list[int]
+    train_seconds: float
+    eval_seconds: float
+    peak_memory_mb: float
+    extra: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ScenarioFacts:
+    """What config.json says about a run's scenario, for tables that name no scenario.
+
+    family: "vision" | "relation-extraction".
+    protocol: the paper protocol whose published numbers the run is compared with.
+    metrics: the metrics the scenario's papers report (e.g. "seen" for relation extraction).
+    """
+
+    family: str
+    protocol: str
+    metrics: tuple[str, ...]
+
+
+def scenario_facts(config: dict[str, Any]) -> ScenarioFacts:
+    """The run loop writes ``scenario_family``, ``scenario_protocol`` and ``metrics`` from
+    the scenario's spec; a run made before it did is a vision run compared under its own
+    scenario name."""
+    family = str(config.get("scenario_family") or LEGACY_FAMILY)
+    protocol = str(config.get("scenario_protocol") or config["scenario"])
+    reported = config.get("metrics")
+    if reported is None:
+        reported = metrics.FAMILY_METRICS.get(family, metrics.FAMILY_METRICS[LEGACY_FAMILY])
+    return ScenarioFacts(family, protocol, tuple(str(m) for m in reported))
+
+
+def strategy_label(strategy: str) -> str:
+    """A strategy given as ``module:Class`` or ``file.py:Class`` goes by its class name."""
+    return strategy.rpartition(":")[2] or strategy
+
+
+class RunFolder:
+    """Reads and writes one run's folder."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+
+    # -- writing ----------------------------------------------------------------------
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write_json(self.path / CONFIG, config, indent=2)
+
+    def write_environment(self, device: str) -> None:
+        from clbench.results.environment import environment  # imports torch: runs only
+
+        atomic_write_json(self.path / ENVIRONMENT, environment(device), indent=2)
+
+    def set_status(self, state: str, **details: Any) -> None:
+        atomic_write_json(self.path / STATUS, {"state": state, **details}, indent=2)
+
+    def append_record(self, record: ExperienceRecord) -> None:
+        """Add a finished experience; metrics.json and accuracy_matrix.csv follow."""
+        records = self.records()
+        if len(records) != record.experience:
+            raise RuntimeError(
+                f"experience {record.experience} recorded after {len(records)} finished ones"
+            )
+        self._write_records([*records, record])
+
+    def _write_records(self, records: Sequence[ExperienceRecord]) -> None:
+        # progress first: the derived files are always recomputable from it
+        atomic_write_json(self.path / PROGRESS, [vars(r) for r in records], indent=2)
+        accuracy = np.array([r.accuracy for r in records])
+        summary = metrics.summarise(
+            accuracy, np.array([r.correct for r in records]), np.array(records[0].counts)
+        )
+        summary["train_seconds"] = float(sum(r.train_seconds for r in records))
+        summary["eval_seconds"] = float(sum(r.eval_seconds for r in records))
+        summary["peak_memory_mb"] = float(max(r.peak_memory_mb for r in records))
+        atomic_write_json(self.path / METRICS, summary, indent=2)
+        header = ",".join(f"exp{i}" for i in range(accuracy.shape[1]))
+        lines = [f"after,{header}"] + [
+            f"{r.experience}," + ",".join(f"{a:.4f}" for a in r.accuracy) for r in records
+        ]
+        atomic_write_text(self.path / ACCURACY_MATRIX, "\n".join(lines) + "\n")
+
+    # -- reading ----------------------------------------------------------------------
+    def exists(self) -> bool:
+        return (self.path / CONFIG).is_file()
+
+    def read_json(self, name: str) -> Any:
+        """One file of the folder, parsed: FileNotFoundError when it is not there,
+        ValueError when it is not JSON (the readers below give defaults instead)."""
+        with open(self.path / name, encoding="utf-8") as stream:
+            return json.load(stream)
+
+    def config(self) -> dict[str, Any]:
+        return self.read_json(CONFIG)
+
+    def environment(self) -> dict[str, Any]:
+        return self.read_json(ENVIRONMENT)
+
+    def status(self) -> dict[str, Any]:
+        """``{"state": "unknown"}`` before the run loop wrote one."""
+        try:
+            return self.read_json(STATUS)
+        except FileNotFoundError:
+            return {"state": "unknown"}
+
+    def records(self) -> list[ExperienceRecord]:
+        """The finished experiences, in order; [] before the first one finishes."""
+        try:
+            entries = self.read_json(PROGRESS)
+        except FileNotFoundError:
+            return []
+        return [ExperienceRecord(**entry) for entry in entries]
+
+    def metrics(self) -> dict[str, Any]:
+        """metrics.json; {} before the first experience finishes."""
+        try:
+            return self.read_json(METRICS)
+        except FileNotFoundError:
+            return {}
+
+    def accuracy_matrix(self) -> np.ndarray:
+        return np.array([r.accuracy for r in self.records()], dtype=float)
+
+
+def write_run_folder(
+    path: Path | str,
+    config: dict[str, Any],
+    accuracy: Sequence[Sequence[float]] | np.ndarray,
+    counts: Sequence[int],
+    *,
+    state: str = "complete",
+    seconds_per_task: float = 1.0,
+    family: str | None = None,
+    protocol: str | None = None,
+) -> Path:
+    """A run folder from an accuracy matrix (rows = finished experiences, in %) and the
+    test items per experience, written as the run loop writes one (same methods, so the
+    files cannot drift apart) but without torch.
+
+    For tests, benchmarks and for bringing results computed elsewhere into clbench's
+    tables. Correct counts are rounded from the accuracies, and accuracies recomputed
+    from them, so every file agrees with every other. ``family`` (and ``protocol``,
+    default the scenario's name) add the keys the run loop writes from the scenario's
+    spec; without them the folder reads as a run made before those keys existed.
+    """
+    folder = RunFolder(path)
+    if family is not None:
+        config = {
+            **config,
+            "scenario_family": family,
+            "scenario_protocol": protocol or str(config["scenario"]),
+            "metrics": list(metrics.FAMILY_METRICS[family]),
+        }
+    counts_array = np.asarray(counts, dtype=int)
+    rows = np.asarray(accuracy, dtype=float).reshape(-1, len(counts_array))
+    correct = np.rint(rows / 100.0 * counts_array).astype(int)
+    matrix = 100.0 * correct / counts_array
+    records = [
+        ExperienceRecord(
+            experience=t,
+            accuracy=[float(a) for a in matrix[t]],
+            correct=[int(c) for c in correct[t]],
+            counts=[int(n) for n in counts_array],
+            train_seconds=seconds_per_task,
+            eval_seconds=seconds_per_task / 10,
+            peak_memory_mb=100.0,
+            extra={},
+        )
+        for t in range(matrix.shape[0])
+    ]
+    folder.write_config(config)
+    if records:
+        folder._write_records(records)
+    folder.set_status(state, finished_experiences=len(records))
+    return folder.path
