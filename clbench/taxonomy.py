@@ -13,7 +13,7 @@ a label taxonomy. A tree comes from one of three places:
 - automatic: agglomerative clustering (scipy) of the seen classes with their OT distances
   as the metric (:func:`cluster_taxonomy`); the dendrogram cut into leaf groups.
 
-``python -m clbench.taxonomy RUN_DIR`` prints the tree a hier-ot run used.
+``clbench tree RUN_DIR`` prints the tree a hier-ot run used (:mod:`clbench.cli.run`).
 """
 
 from __future__ import annotations
@@ -126,8 +126,10 @@ class Taxonomy:
     def render(self, class_names: Sequence[str]) -> str:
         """The tree as indented text, one group per line, leaf groups with their classes."""
         groups = self.leaf_groups()
-        lines = [f"label tree ({self.source}): {sum(map(len, groups))} classes in "
-                 f"{len(groups)} leaf groups"]
+        lines = [
+            f"label tree ({self.source}): {sum(map(len, groups))} classes in "
+            f"{len(groups)} leaf groups"
+        ]
 
         def visit(node: TaxonomyNode, prefix: str, last: bool, top: bool) -> None:
             branch = "" if top else ("└─ " if last else "├─ ")
@@ -170,8 +172,10 @@ def load_taxonomy_file(path: str | Path, class_names: Sequence[str]) -> Taxonomy
     """
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"taxonomy file {path} does not exist (valid taxonomy values: auto, "
-                         f"cifar100-superclasses, or the path of a JSON / YAML file)")
+        raise UsageError(
+            f"taxonomy file {path} does not exist (valid taxonomy values: auto, "
+            f"cifar100-superclasses, or the path of a JSON / YAML file)"
+        )
     text = path.read_text()
     try:
         if path.suffix.lower() == ".json":
@@ -181,8 +185,10 @@ def load_taxonomy_file(path: str | Path, class_names: Sequence[str]) -> Taxonomy
 
             content = yaml.safe_load(text)
     except Exception as error:  # json.JSONDecodeError, yaml.YAMLError: say which file
-        raise UsageError(f"taxonomy file {path} is not valid "
-                         f"{'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {error}") from None
+        raise UsageError(
+            f"taxonomy file {path} is not valid "
+            f"{'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {error}"
+        ) from None
     return taxonomy_from_names(content, class_names, source=f"file {path}")
 
 
@@ -204,13 +210,17 @@ def taxonomy_from_names(content: Any, class_names: Sequence[str], *, source: str
             if not node:
                 problems.append(f"group {where} is empty")
                 return None
-            scalars = [item for item in node if isinstance(item, (str, int)) and not isinstance(item, bool)]
+            scalars = [
+                item for item in node if isinstance(item, (str, int)) and not isinstance(item, bool)
+            ]
             if len(scalars) == len(node):
                 classes = []
                 for item in scalars:
                     label = str(item)
                     if label in seen_at:
-                        problems.append(f"class {label!r} is listed twice ({seen_at[label]} and {where})")
+                        problems.append(
+                            f"class {label!r} is listed twice ({seen_at[label]} and {where})"
+                        )
                     seen_at[label] = where
                     if label not in ids:
                         unknown.append(label)
@@ -218,18 +228,26 @@ def taxonomy_from_names(content: Any, class_names: Sequence[str], *, source: str
                         classes.append(ids[label])
                 return TaxonomyNode(name, classes=classes)
             if scalars:
-                problems.append(f"group {where} mixes class names and subgroups; put the "
-                                f"names {scalars} in a subgroup of their own")
+                problems.append(
+                    f"group {where} mixes class names and subgroups; put the "
+                    f"names {scalars} in a subgroup of their own"
+                )
                 return None
-            children = [parse(child, f"{name}.{i + 1}", f"{where}[{i}]") for i, child in enumerate(node)]
+            children = [
+                parse(child, f"{name}.{i + 1}", f"{where}[{i}]") for i, child in enumerate(node)
+            ]
             return TaxonomyNode(name, children=[c for c in children if c is not None])
-        problems.append(f"{where} is a {type(node).__name__} ({node!r}); expected a mapping of "
-                        f"groups or a list of class names")
+        problems.append(
+            f"{where} is a {type(node).__name__} ({node!r}); expected a mapping of "
+            f"groups or a list of class names"
+        )
         return None
 
     if not isinstance(content, (dict, list)):
-        raise UsageError(f"taxonomy ({source}) must be a mapping of groups or a list; got "
-                         f"{type(content).__name__}")
+        raise UsageError(
+            f"taxonomy ({source}) must be a mapping of groups or a list; got "
+            f"{type(content).__name__}"
+        )
     root = parse(content, "root", "root")
     if unknown:
         problems.append(f"unknown class names {unknown} (valid names: {_preview(class_names)})")
@@ -253,14 +271,17 @@ def cifar100_superclasses(class_names: Sequence[str]) -> Taxonomy:
     fine = [name for names in CIFAR100_SUPERCLASSES.values() for name in names]
     if sorted(class_names) != sorted(fine):
         lacking = sorted(set(fine) - set(class_names))[:10]
-        raise UsageError("taxonomy=cifar100-superclasses needs the CIFAR-100 classes (scenario "
-                         f"split-cifar100); this scenario's classes lack e.g. {lacking}")
+        raise UsageError(
+            "taxonomy=cifar100-superclasses needs the CIFAR-100 classes (scenario "
+            f"split-cifar100); this scenario's classes lack e.g. {lacking}"
+        )
     return taxonomy_from_names(CIFAR100_SUPERCLASSES, class_names, source="CIFAR-100 superclasses")
 
 
 # ------------------------------------------------------------------------------ automatic
-def cluster_taxonomy(distances: Tensor, classes: Sequence[int], num_groups: int,
-                     linkage: str = "average") -> Taxonomy:
+def cluster_taxonomy(
+    distances: Tensor, classes: Sequence[int], num_groups: int, linkage: str = "average"
+) -> Taxonomy:
     """Agglomerative clustering of ``classes`` under the distance matrix ``distances``.
 
     The full dendrogram is the tree; it is cut into at most ``num_groups`` leaf groups
@@ -287,7 +308,9 @@ def cluster_taxonomy(distances: Tensor, classes: Sequence[int], num_groups: int,
     def build(node: Any) -> TaxonomyNode:
         members = node.pre_order()
         if len({int(flat[m]) for m in members}) == 1:
-            return TaxonomyNode(f"group {next(counter)}", classes=sorted(classes[m] for m in members))
+            return TaxonomyNode(
+                f"group {next(counter)}", classes=sorted(classes[m] for m in members)
+            )
         children = [build(node.get_left()), build(node.get_right())]
         return TaxonomyNode(f"merged at {node.dist:.4g}", children=children)
 
@@ -297,46 +320,3 @@ def cluster_taxonomy(distances: Tensor, classes: Sequence[int], num_groups: int,
 def number_of_groups(num_classes: int, group_size: float) -> int:
     """Leaf groups for the automatic tree: about ``group_size`` classes each."""
     return max(1, math.ceil(num_classes / max(group_size, 1e-9)))
-
-
-# ------------------------------------------------------------------------------ printing
-def main(argv: Sequence[str] | None = None) -> int:
-    """Print the label tree (and the class distances) of a hier-ot run folder."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="clbench tree",
-                                     description="Print the label tree a hier-ot run used.")
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--experience", type=int, default=-1,
-                        help="after which experience (default: the last finished)")
-    parser.add_argument("--distances", action="store_true", help="also print the class distances")
-    args = parser.parse_args(argv)
-    progress = args.run_dir / "progress.json"
-    if not progress.is_file():
-        parser.error(f"{args.run_dir} has no progress.json (not a clbench run folder?)")
-    records = json.loads(progress.read_text())
-    if not records:
-        parser.error(f"{args.run_dir}: no finished experience yet")
-    extra = records[args.experience].get("extra", {})
-    if "taxonomy" not in extra:
-        parser.error(f"{args.run_dir}: the run recorded no label tree (not a hier-ot run?)")
-    print(extra["taxonomy"]["text"])
-    record = records[args.experience]
-    if "ot_seconds" in extra:  # cumulative over the run so far, like the times below
-        elapsed = sum(r.get("train_seconds", 0.0) + r.get("eval_seconds", 0.0)
-                      for r in records[: record["experience"] + 1])
-        share = 100 * extra["ot_seconds"] / elapsed if elapsed > 0 else float("nan")
-        print(f"\nOT: {extra.get('ot_pairs', '?')} class pairs, {extra['ot_seconds']:.1f} s "
-              f"of the run's {elapsed:.0f} s train + eval ({share:.1f}%)")
-    if args.distances and extra.get("class_distances"):
-        table = extra["class_distances"]
-        names = table["names"]
-        width = max(len(n) for n in names)
-        print(f"\nOT class distances ({table['solver']}):")
-        for name, row in zip(names, table["matrix"]):
-            print(f"{name:>{width}}  " + " ".join(f"{v:9.4g}" for v in row))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

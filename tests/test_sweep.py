@@ -18,27 +18,24 @@ import pytest
 
 from clbench.cli import main
 from clbench.errors import UsageError
-from clbench.results import RunFolder
-from clbench.sweep import (
-    LOCK_FILE,
-    LOG_FILE,
-    WORKER_FILE,
-    SweepCommand,
-    SweepError,
-    decide_device,
-    expand,
-    load_sweep,
-    parse_sweep,
-    plan,
-    run_identity,
-    sweep_from_flags,
-)
-from clbench.tables import write_run_folder
+from clbench.results import RunFolder, write_run_folder
+from clbench.sweep.command import SweepCommand, decide_device, plan
+from clbench.sweep.grid import Resources, SweepError, load_sweep, parse_sweep, sweep_from_flags
+from clbench.sweep.plan import expand, run_identity
+from clbench.sweep.state import LOCK_FILE, LOG_FILE, WORKER_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny and fast: 2 tasks of digits, a 1-block ViT, one epoch
-TINY = ["--preset", "quick", "--device", "cpu", "--set", "scenario.num_experiences=2",
-        "--set", "backbone.depth=1"]
+TINY = [
+    "--preset",
+    "quick",
+    "--device",
+    "cpu",
+    "--set",
+    "scenario.num_experiences=2",
+    "--set",
+    "backbone.depth=1",
+]
 
 
 def write_yaml(path: Path, text: str) -> Path:
@@ -54,7 +51,11 @@ def test_flags_expand_to_a_grid_with_one_fixed_folder_per_point(tmp_path):
     specs = expand(sweep, tmp_path, "cpu")
     assert len(specs) == 4
     assert [(s.config["strategy"], s.config["seed"]) for s in specs] == [
-        ("l2p", 0), ("l2p", 1), ("seq-ft", 0), ("seq-ft", 1)]
+        ("l2p", 0),
+        ("l2p", 1),
+        ("seq-ft", 0),
+        ("seq-ft", 1),
+    ]
     for spec in specs:
         assert spec.config["preset"] == "quick" and spec.config["device"] == "cpu"
         relative = spec.folder.relative_to(tmp_path)
@@ -71,19 +72,38 @@ def test_flags_expand_to_a_grid_with_one_fixed_folder_per_point(tmp_path):
 
 
 def test_identity_hashes_the_resolved_options_not_how_they_were_given(tmp_path):
-    by_preset = expand(sweep_from_flags(["seq-ft"], ["digits-offline"], ["3"], [], ["quick"]),
-                       tmp_path, "cpu")
-    spelled_out = expand(parse_sweep({
-        "strategy": "seq-ft", "scenario": "digits-offline", "seed": 3, "preset": "quick",
-        "set": {"epochs": 1, "batch_size": 32},
-    }, "test"), tmp_path, "cpu")
+    by_preset = expand(
+        sweep_from_flags(["seq-ft"], ["digits-offline"], ["3"], [], ["quick"]), tmp_path, "cpu"
+    )
+    spelled_out = expand(
+        parse_sweep(
+            {
+                "strategy": "seq-ft",
+                "scenario": "digits-offline",
+                "seed": 3,
+                "preset": "quick",
+                "set": {"epochs": 1, "batch_size": 32},
+            },
+            "test",
+        ),
+        tmp_path,
+        "cpu",
+    )
     assert by_preset[0].identity == spelled_out[0].identity
     config = dict(by_preset[0].config, clbench_version="99.0", device="cuda")
     assert run_identity(config) == by_preset[0].identity
+    # nor do the scenario-spec keys config.json gained later: a sweep made before they
+    # existed finds its folders again
+    assert {"scenario_family", "scenario_protocol", "metrics"} <= set(config)
+    spec_keys = ("scenario_family", "scenario_protocol", "metrics")
+    legacy = {key: value for key, value in config.items() if key not in spec_keys}
+    assert run_identity(legacy) == by_preset[0].identity
 
 
 def test_yaml_blocks_inherit_the_top_level_and_vary_sweeps_an_option(tmp_path):
-    path = write_yaml(tmp_path / "grid.yaml", """
+    path = write_yaml(
+        tmp_path / "grid.yaml",
+        """
         scenario: digits-offline
         preset: quick
         seed: [0, 1]
@@ -94,12 +114,17 @@ def test_yaml_blocks_inherit_the_top_level_and_vary_sweeps_an_option(tmp_path):
           - strategy: l2p
             seed: 5
             set: {batch_size: 8}
-    """)
+    """,
+    )
     specs = expand(load_sweep(path), tmp_path / "out", "cpu")
     seq = [s for s in specs if s.config["strategy"] == "seq-ft"]
     l2p = [s for s in specs if s.config["strategy"] == "l2p"]
     assert sorted((s.config["seed"], s.config["strategy_options"]["lr"]) for s in seq) == [
-        (0, 0.01), (0, 0.1), (1, 0.01), (1, 0.1)]
+        (0, 0.01),
+        (0, 0.1),
+        (1, 0.01),
+        (1, 0.1),
+    ]
     assert all(s.config["strategy_options"]["batch_size"] == 16 for s in seq)
     assert [(s.config["seed"], s.config["strategy_options"]["batch_size"]) for s in l2p] == [(5, 8)]
     assert all(s.config["scenario_options"]["num_experiences"] == 2 for s in specs)
@@ -107,7 +132,9 @@ def test_yaml_blocks_inherit_the_top_level_and_vary_sweeps_an_option(tmp_path):
 
 
 def test_a_bad_sweep_file_names_every_offending_entry_and_runs_nothing(tmp_path, capsys):
-    path = write_yaml(tmp_path / "bad.yaml", """
+    path = write_yaml(
+        tmp_path / "bad.yaml",
+        """
         scenario: [digits-offline, no-such-scenario]
         strategy: [seq-ft, no-such-strategy]
         seeds: [0]
@@ -117,30 +144,41 @@ def test_a_bad_sweep_file_names_every_offending_entry_and_runs_nothing(tmp_path,
         grids:
           - {backbone: no-such-backbone}
           - {colour: red}
-    """)
+    """,
+    )
     out = tmp_path / "out"
     assert main(["sweep", str(path), "--out", str(out)]) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"clbench: error: {path}: ") and "nothing was run" in error
-    for offending in ("'seeds'", "'colour'", "'tpus'", "unknown strategy 'no-such-strategy'",
-                      "unknown scenario 'no-such-scenario'", "unknown backbone 'no-such-backbone'",
-                      "unknown preset 'no-such-preset' for seq-ft", "--set lr=fast: expected float",
-                      "unknown seq-ft option 'no_such_option'"):
+    for offending in (
+        "'seeds'",
+        "'colour'",
+        "'tpus'",
+        "unknown strategy 'no-such-strategy'",
+        "unknown scenario 'no-such-scenario'",
+        "unknown backbone 'no-such-backbone'",
+        "unknown preset 'no-such-preset' for seq-ft",
+        "--set lr=fast: expected float",
+        "unknown seq-ft option 'no_such_option'",
+    ):
         assert offending in error, offending
     assert "valid choices: " in error and "valid keys: " in error
     assert not out.exists()
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    ({"strategy": None}, "grid: no strategy"),
-    ({"seed": [0, "x"]}, "seed must be an integer"),
-    ({"seed": True}, "seed must be an integer"),
-    ({"vary": {"lr": 0.1}}, "vary lr: a non-empty list"),
-    ({"max_retries": -1}, "max_retries"),
-    ({"grids": []}, "grids: a non-empty list"),
-    ({"set": "lr=0.1"}, "set must be a mapping"),
-    ({"resources": {"gpus": -1}}, "resources.gpus: a number >= 0"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"strategy": None}, "grid: no strategy"),
+        ({"seed": [0, "x"]}, "seed must be an integer"),
+        ({"seed": True}, "seed must be an integer"),
+        ({"vary": {"lr": 0.1}}, "vary lr: a non-empty list"),
+        ({"max_retries": -1}, "max_retries"),
+        ({"grids": []}, "grids: a non-empty list"),
+        ({"set": "lr=0.1"}, "set must be a mapping"),
+        ({"resources": {"gpus": -1}}, "resources.gpus: a number >= 0"),
+    ],
+)
 def test_malformed_sweeps(extra, message, tmp_path):
     data = {"strategy": "seq-ft", "scenario": "digits-offline", **extra}
     data = {key: value for key, value in data.items() if value is not None}
@@ -156,8 +194,10 @@ def test_command_line_mistakes(tmp_path, capsys):
         (["sweep", str(grid), "--strategy", "l2p"], "not both"),
         (["sweep", "--scenario", "digits-offline"], "needs a SWEEP.yaml file or --strategy"),
         (["sweep", str(tmp_path / "missing.yaml")], "does not exist"),
-        (["sweep", str(grid), "--backend", "slurm"],
-         "unknown backend 'slurm'; valid choices: local, ray"),
+        (
+            ["sweep", str(grid), "--backend", "slurm"],
+            "unknown backend 'slurm'; valid choices: local, ray",
+        ),
         (["sweep", str(grid), "--jobs", "0"], "--jobs must be at least 1"),
         (["sweep", str(grid), "--set", "nope"], "expected key=value"),
     ]
@@ -168,8 +208,6 @@ def test_command_line_mistakes(tmp_path, capsys):
 
 
 def test_device_on_ray_follows_the_resources():
-    from clbench.sweep import Resources
-
     assert decide_device("auto", "ray", Resources(cpus=4, gpus=1)) == "cuda"
     assert decide_device("auto", "ray", Resources(cpus=4, gpus=0)) == "cpu"
     with pytest.raises(UsageError, match="needs --gpus-per-run"):
@@ -178,8 +216,9 @@ def test_device_on_ray_follows_the_resources():
         decide_device("cuda:1", "ray", Resources(gpus=1))
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "scripts" / "sweeps").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "scripts" / "sweeps").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_the_shipped_sweep_files_are_valid(path, tmp_path):
     specs = expand(load_sweep(path), tmp_path, "cpu")
     assert len(specs) == len({s.folder for s in specs}) >= 4
@@ -195,11 +234,29 @@ def test_the_shipped_sweep_files_are_valid(path, tmp_path):
 
 
 def _grid_of_five(tmp_path: Path) -> tuple[list, list[str]]:
-    arguments = ["sweep", "-s", "seq-ft", "-c", "digits-offline", "--seed", "0,1,2,3,4",
-                 "--preset", "quick", "--device", "cpu", "--out", str(tmp_path / "out")]
-    command = SweepCommand(strategies=["seq-ft"], scenarios=["digits-offline"],
-                           seeds=["0", "1", "2", "3", "4"], presets=["quick"], device="cpu",
-                           out=tmp_path / "out")
+    arguments = [
+        "sweep",
+        "-s",
+        "seq-ft",
+        "-c",
+        "digits-offline",
+        "--seed",
+        "0,1,2,3,4",
+        "--preset",
+        "quick",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "out"),
+    ]
+    command = SweepCommand(
+        strategies=["seq-ft"],
+        scenarios=["digits-offline"],
+        seeds=["0", "1", "2", "3", "4"],
+        presets=["quick"],
+        device="cpu",
+        out=tmp_path / "out",
+    )
     return plan(command)[2], arguments
 
 
@@ -208,8 +265,9 @@ def test_status_shows_done_running_failed_and_pending(tmp_path, capsys):
     done, running, failed, stale, untouched = specs
     write_run_folder(done.folder, done.config, [[80.0, 0.0], [70.0, 60.0]], [10, 10])
     write_run_folder(failed.folder, failed.config, [[50.0, 0.0]], [10, 10], state="failed")
-    RunFolder(failed.folder).set_status("failed", finished_experiences=1,
-                                        error="RuntimeError: out of patience")
+    RunFolder(failed.folder).set_status(
+        "failed", finished_experiences=1, error="RuntimeError: out of patience"
+    )
     # `running` per status.json, and its lock is held by a live process (this one)
     write_run_folder(running.folder, running.config, [[40.0, 0.0]], [10, 10], state="running")
     (running.folder / WORKER_FILE).write_text(json.dumps({"host": "h", "child_pid": 42}))
@@ -223,8 +281,9 @@ def test_status_shows_done_running_failed_and_pending(tmp_path, capsys):
         lines = capsys.readouterr().out.splitlines()
     finally:
         os.close(handle)
-    by_label = {spec.label: [line.split() for line in lines if spec.label in line][0]
-                for spec in specs}
+    by_label = {
+        spec.label: [line.split() for line in lines if spec.label in line][0] for spec in specs
+    }
     assert by_label[done.label][0] == "done" and "FAA" in by_label[done.label]
     assert by_label[running.label][0] == "running"
     assert " ".join(by_label[running.label][2:]) == "1/2 experiences on h pid 42"
@@ -233,7 +292,8 @@ def test_status_shows_done_running_failed_and_pending(tmp_path, capsys):
     assert by_label[stale.label][0] == "pending"
     assert "resumes after 1/2 experiences" in " ".join(by_label[stale.label])
     assert by_label[untouched.label][:1] == ["pending"] and "not started" in " ".join(
-        by_label[untouched.label])
+        by_label[untouched.label]
+    )
     assert lines[-1].strip() == "1 done, 1 running, 1 failed, 2 pending (of 5)"
     # the lock released: the same run now reads as pending, to be resumed
     assert main([*arguments, "--status"]) == 0
@@ -293,8 +353,22 @@ def test_local_sweep_with_two_jobs_survives_a_crash_and_skips_on_rerun(tmp_path,
     broken = tmp_path / "broken.py"
     broken.write_text(BROKEN)
     out = tmp_path / "out"
-    arguments = ["sweep", "-s", "seq-ft", "-s", f"{broken}:Broken", "-c", "digits-offline",
-                 "--seed", "0,1", *TINY, "--out", str(out), "--jobs", "2"]
+    arguments = [
+        "sweep",
+        "-s",
+        "seq-ft",
+        "-s",
+        f"{broken}:Broken",
+        "-c",
+        "digits-offline",
+        "--seed",
+        "0,1",
+        *TINY,
+        "--out",
+        str(out),
+        "--jobs",
+        "2",
+    ]
     assert main(arguments) == 1  # two runs failed, the sweep went on
     first = capsys.readouterr().out
     assert "local: 2 job(s) at a time, 1 torch thread(s) each" in first
@@ -324,26 +398,61 @@ def test_local_sweep_with_two_jobs_survives_a_crash_and_skips_on_rerun(tmp_path,
 @pytest.mark.slow
 def test_ray_sweep_survives_a_killed_worker_with_identical_results(tmp_path):
     ray = pytest.importorskip("ray")
-    grid = ["-s", "seq-ft", "-s", "l2p", "-c", "digits-offline", "--seed", "3", *TINY,
-            "--set", "scenario.num_experiences=5"]
+    grid = [
+        "-s",
+        "seq-ft",
+        "-s",
+        "l2p",
+        "-c",
+        "digits-offline",
+        "--seed",
+        "3",
+        *TINY,
+        "--set",
+        "scenario.num_experiences=5",
+    ]
     # a local cluster on this machine, owned by the test: ray.shutdown() ends it
-    context = ray.init(_node_ip_address="127.0.0.1", num_cpus=2, include_dashboard=False,
-                       log_to_driver=False, object_store_memory=100 * 2**20)
+    context = ray.init(
+        _node_ip_address="127.0.0.1",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=100 * 2**20,
+    )
     killed = None
     try:
         ray_out = tmp_path / "ray"
         sweep = subprocess.Popen(
-            [sys.executable, "-m", "clbench.cli", "sweep", *grid, "--out", str(ray_out),
-             "--backend", "ray", "--ray-address", context.address_info["address"],
-             "--cpus-per-run", "1", "--progress-every", "5"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                "-m",
+                "clbench.cli",
+                "sweep",
+                *grid,
+                "--out",
+                str(ray_out),
+                "--backend",
+                "ray",
+                "--ray-address",
+                context.address_info["address"],
+                "--cpus-per-run",
+                "1",
+                "--progress-every",
+                "5",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         deadline = time.time() + 900
         while killed is None and time.time() < deadline and sweep.poll() is None:
             for config in ray_out.glob("*/*/*/config.json"):
                 folder = RunFolder(config.parent)
-                worker = json.loads((config.parent / WORKER_FILE).read_text()) \
-                    if (config.parent / WORKER_FILE).is_file() else {}
+                worker = (
+                    json.loads((config.parent / WORKER_FILE).read_text())
+                    if (config.parent / WORKER_FILE).is_file()
+                    else {}
+                )
                 if worker and 1 <= len(folder.records()) <= 3:
                     os.kill(worker["pid"], signal.SIGKILL)  # the Ray worker running the task
                     killed = config.parent

@@ -1,0 +1,191 @@
+"""Expansion of a sweep into runs: every grid point resolved, validated and given a fixed
+folder before anything runs.
+
+Run identity. Each grid point gets a fixed folder,
+``<out>/<scenario>/<strategy>/<backbone>_seed<N>_<hash>``, where the hash covers the whole
+resolved configuration except what does not change the experiment (:data:`NOT_IDENTITY`).
+Re-running a sweep therefore finds its runs again: it skips complete ones and resumes the
+others. Changing an option, or a preset in the code, changes the hash and makes a new run
+rather than silently mixing two settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clbench.errors import UsageError
+from clbench.sweep.grid import Grid, Sweep, SweepError
+
+# Not part of a run's identity: where it runs and which clbench release wrote it (the same
+# experiment resumed on a GPU node, or after an upgrade, is still the same run), and what
+# the run loop copies from the scenario's spec (family, paper protocol, metrics): those
+# follow from the scenario's name and were added to config.json later, so a sweep made
+# before keeps its folders.
+VOLATILE_CONFIG_KEYS = ("device", "clbench_version")
+SCENARIO_SPEC_KEYS = ("scenario_family", "scenario_protocol", "metrics")
+NOT_IDENTITY = (*VOLATILE_CONFIG_KEYS, *SCENARIO_SPEC_KEYS)
+
+Overrides = dict[str, dict[str, str]]  # group (strategy / scenario / backbone) -> KEY -> VALUE
+
+
+@dataclass
+class RunSpec:
+    """One grid point: its resolved configuration and the folder it lives in."""
+
+    config: dict[str, Any]
+    identity: str
+    folder: Path
+    overrides: dict[str, str]
+
+    @property
+    def label(self) -> str:
+        return "/".join(self.folder.parts[-3:])
+
+
+def run_identity(config: dict[str, Any]) -> str:
+    """Short hash of what makes a run this run (see :data:`NOT_IDENTITY`)."""
+    kept = {key: value for key, value in config.items() if key not in NOT_IDENTITY}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def run_folder(out: Path, config: dict[str, Any], identity: str) -> Path:
+    """The same ``<scenario>/<strategy>/`` layout as ``clbench run``, with a fixed name."""
+    from clbench.results.folder import strategy_label
+
+    name = f"{config['backbone']}_seed{config['seed']}_{identity}"
+    strategy = strategy_label(config["strategy"]).replace("/", "_")
+    return Path(out) / config["scenario"] / strategy / name
+
+
+def _check_names(grid: Grid, where: str, problems: list[str]) -> set[str]:
+    """Names that do not exist (reported once each, with the valid choices)."""
+    from clbench.registry import BACKBONES, SCENARIOS, load_strategy_class
+
+    bad: set[str] = set()
+    checks: list[tuple[Callable[[str], Any], Iterable[str | None]]] = [
+        (load_strategy_class, grid.strategy),
+        (SCENARIOS.get, grid.scenario),
+        (BACKBONES.get, grid.backbone),
+    ]
+    for lookup, names in checks:
+        for name in names:
+            if name is None:
+                continue
+            try:
+                lookup(name)
+            except UsageError as error:
+                bad.add(name)
+                problems.append(f"{where}: {error}")
+    return bad
+
+
+def _resolve_point(point: dict[str, Any], overrides: Overrides) -> dict[str, Any]:
+    from clbench.runner import RunRequest, resolve_run
+
+    return resolve_run(
+        RunRequest(
+            **point,
+            strategy_overrides=overrides["strategy"],
+            scenario_overrides=overrides["scenario"],
+            backbone_overrides=overrides["backbone"],
+            device="cpu",
+        )
+    )
+
+
+def _option_problems(point: dict[str, Any], overrides: Overrides, first: UsageError) -> list[str]:
+    """The runner stops at the first bad option: try each override alone to name them all."""
+    errors = [str(first)]
+    for group, values in overrides.items():
+        for key, value in values.items():
+            alone: Overrides = {name: {} for name in overrides}
+            alone[group] = {key: value}
+            try:
+                _resolve_point({**point, "preset": "default"}, alone)
+            except UsageError as error:
+                errors.append(str(error))
+    return list(dict.fromkeys(errors))
+
+
+def _point_overrides(pairs: dict[str, str], command_line: Overrides) -> Overrides:
+    """A point's ``set`` and ``vary`` values, then the command line's ``--set`` on top."""
+    from clbench.config import parse_set_arguments
+
+    overrides = parse_set_arguments([f"{key}={value}" for key, value in pairs.items()])
+    for group, values in command_line.items():
+        overrides[group].update(values)
+    return overrides
+
+
+def _grid_specs(
+    grid: Grid,
+    where: str,
+    out: Path,
+    device: str,
+    command_line: Overrides,
+    problems: list[str],
+) -> list[RunSpec]:
+    """The resolved points of one grid block; what does not resolve goes to ``problems``."""
+    bad_names = _check_names(grid, where, problems)
+    varied = [dict(zip(grid.vary, values)) for values in itertools.product(*grid.vary.values())]
+    specs = []
+    for scenario, strategy, backbone, preset, varying, seed in itertools.product(
+        grid.scenario, grid.strategy, grid.backbone, grid.preset, varied, grid.seed
+    ):
+        if bad_names & {scenario, strategy, backbone}:
+            continue
+        pairs = {**grid.overrides, **varying}
+        overrides = _point_overrides(pairs, command_line)
+        point = {
+            "strategy": strategy,
+            "scenario": scenario,
+            "backbone": backbone,
+            "seed": seed,
+            "preset": preset,
+        }
+        try:
+            config = _resolve_point(point, overrides)
+        except UsageError as error:
+            for message in _option_problems(point, overrides, error):
+                problems.append(f"{where}: {scenario} / {strategy}: {message}")
+            continue
+        config["device"] = device
+        identity = run_identity(config)
+        folder = run_folder(out, config, identity)
+        specs.append(RunSpec(config=config, identity=identity, folder=folder, overrides=pairs))
+    return specs
+
+
+def expand(
+    sweep: Sweep, out: Path, device: str, extra_overrides: list[str] | None = None
+) -> list[RunSpec]:
+    """Every grid point, resolved and validated; raises SweepError naming each problem.
+
+    ``device`` is written into each configuration as is (the caller decides it: locally
+    the resolved device, on Ray the one the run's resources imply); validation resolves
+    on the CPU so a CPU-only head node can plan a GPU sweep. A point reached by two grid
+    blocks is one run.
+    """
+    from clbench.config import parse_set_arguments
+
+    try:
+        command_line = parse_set_arguments(extra_overrides or [])
+    except UsageError as error:
+        raise SweepError("command line", [str(error)]) from None
+    problems: list[str] = list(sweep.problems)
+    specs: dict[str, RunSpec] = {}
+    for index, grid in enumerate(sweep.grids):
+        where = f"grids[{index}]" if len(sweep.grids) > 1 else "grid"
+        for spec in _grid_specs(grid, where, out, device, command_line, problems):
+            specs.setdefault(spec.identity, spec)
+    if problems:
+        raise SweepError(sweep.source, list(dict.fromkeys(problems)))
+    if not specs:  # only when every grid block was rejected above
+        raise SweepError(sweep.source, ["the grid is empty"])
+    return list(specs.values())
