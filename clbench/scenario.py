@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from clbench.errors import UsageError
+from clbench.data.splits import TaskSplit, check_task_count
 from clbench.metrics import FAMILY_METRICS
 
 if TYPE_CHECKING:
@@ -59,6 +59,8 @@ class ScenarioSpec:
         None for data that is built in or generated.
     download(options, data_root): fetch and verify the data (``clbench download``).
     check_options(options): the checks that need no data, run before a run folder exists.
+    describe(options) -> str: the protocol those options give, in a line for ``clbench
+        list`` ("100 classes, 10 tasks x 10"; the task split included), read without data.
     """
 
     default_backbone: str
@@ -68,6 +70,7 @@ class ScenarioSpec:
     data_status: DataProbe | None = None
     download: DataFetcher | None = None
     check_options: Callable[[Any], None] | None = None
+    describe: Callable[[Any], str] | None = None
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -127,49 +130,35 @@ def seeded_class_order(num_classes: int, seed: int) -> list[int]:
     return order
 
 
-def check_task_count(
-    num_classes: int, num_experiences: int, scenario: str | None = None, *, unit: str = "classes"
-) -> None:
-    """The one "classes divide into equal tasks" check; ``scenario`` names the scenario in
-    the message (as its options' checks do), ``unit`` what is split ("relations")."""
-    if num_experiences >= 1 and num_classes % num_experiences == 0:
-        return
-    if scenario is None:
-        raise UsageError(
-            f"cannot split {num_classes} {unit} into {num_experiences} equal experiences"
-        )
-    raise UsageError(
-        f"scenario {scenario}: cannot split {num_classes} {unit} into {num_experiences} "
-        f"equal tasks (num_experiences must divide {num_classes})"
-    )
-
-
-def split_into_tasks(class_order: Sequence[int], num_experiences: int) -> list[list[int]]:
-    """The class ids of each task, ``class_order`` cut into equal consecutive parts."""
-    check_task_count(len(class_order), num_experiences)
-    size = len(class_order) // num_experiences
-    return [sorted(class_order[i * size : (i + 1) * size]) for i in range(num_experiences)]
+def split_into_tasks(class_order: Sequence[int], tasks: int | TaskSplit) -> list[list[int]]:
+    """The class ids of each task: ``class_order`` cut into consecutive parts, ``tasks``
+    equal ones (an int) or those of a :class:`~clbench.data.splits.TaskSplit`."""
+    if not isinstance(tasks, TaskSplit):
+        check_task_count(len(class_order), tasks)
+        tasks = TaskSplit((len(class_order) // tasks,) * tasks)
+    return tasks.cut(class_order)
 
 
 def class_incremental(
     train: Any,
     test: Any,
     class_order: Sequence[int],
-    num_experiences: int,
+    tasks: int | TaskSplit,
 ) -> tuple[Any, list[list[int]]]:
     """A class-incremental Avalanche benchmark from two classification datasets.
 
     ``train`` / ``test`` are anything ``avalanche.benchmarks.utils.as_classification_dataset``
-    takes (a dataset with a ``targets`` list); the order is used as given.
+    takes (a dataset with a ``targets`` list); the order is used as given; ``tasks`` is
+    a number of equal tasks or a :class:`~clbench.data.splits.TaskSplit`.
     """
     from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
     from avalanche.benchmarks.utils import as_classification_dataset
 
-    classes = split_into_tasks(class_order, num_experiences)
+    classes = split_into_tasks(class_order, tasks)
     benchmark = class_incremental_benchmark(
         {"train": as_classification_dataset(train), "test": as_classification_dataset(test)},
         class_order=list(class_order),
-        num_experiences=num_experiences,
+        num_classes_per_exp=[len(c) for c in classes],
     )
     return benchmark, classes
 

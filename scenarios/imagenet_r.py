@@ -31,12 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from clbench.config import Options, option
 from clbench.data.archive import ArchiveData
 from clbench.data.download import ProgressCallback
+from clbench.data.images import ImageFileDataset
+from clbench.data.splits import (
+    TaskSplitOptions,
+    announce,
+    increment_option,
+    initial_classes_option,
+    protocol_line,
+    split_details,
+    task_sizes_option,
+)
 from clbench.data.vision import (
     ClassOrder,
     class_incremental_with_transforms,
@@ -48,7 +55,7 @@ from clbench.data.vision import (
 from clbench.errors import DataNotFoundError, UsageError
 from clbench.fileio import atomic_write_text
 from clbench.registry import SCENARIOS
-from clbench.scenario import Scenario, ScenarioSpec, check_task_count, default_data_root
+from clbench.scenario import Scenario, ScenarioSpec, default_data_root
 
 IMAGENET_R_URL = "https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar"
 # The md5 that torchvision-style loaders (torch-uncertainty, datamaestro and others)
@@ -78,8 +85,11 @@ IMAGENET_R = ArchiveData(
 
 
 @dataclass
-class ImageNetROptions(Options):
+class ImageNetROptions(TaskSplitOptions, Options):
     num_experiences: int = option(10, "number of tasks (must divide the 200 classes)")
+    task_sizes: list[int] = task_sizes_option()
+    initial_classes: int = initial_classes_option()
+    increment: int = increment_option()
     class_order: ClassOrder = option(
         "seed", "seed: random.seed(seed) shuffle of the classes; natural: sorted WordNet ids"
     )
@@ -192,39 +202,7 @@ def load_or_write_split(split_file: Path, files: Sequence[str]) -> dict[str, Any
     return split
 
 
-# ---------------------------------------------------------------------------- dataset
-
-
-class ImageFileDataset(torch.utils.data.Dataset):
-    """(uint8 [3, H, W] image, label) read from disk on access, with ``targets``.
-
-    Decoding happens in ``__getitem__`` so that it runs in the DataLoader's workers.
-    """
-
-    def __init__(self, root: Path, files: Sequence[str], labels: Sequence[int]) -> None:
-        self.root = Path(root)
-        self.files = list(files)
-        self.targets = [int(y) for y in labels]
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return decode_rgb(self.root / self.files[index]), self.targets[index]
-
-
-def decode_rgb(path: Path) -> Tensor:
-    """libjpeg through torchvision (fast); PIL for what it cannot read (CMYK, palettes)."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-
-    try:
-        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
-    except (RuntimeError, ValueError):
-        from PIL import Image
-        from torchvision.transforms.functional import pil_to_tensor
-
-        with Image.open(path) as image:
-            return pil_to_tensor(image.convert("RGB"))
+# -------------------------------------------------------------------------- class names
 
 
 def read_class_names(images: Path, wnids: Sequence[str]) -> list[str]:
@@ -241,10 +219,17 @@ def read_class_names(images: Path, wnids: Sequence[str]) -> list[str]:
 
 def check_imagenet_r_options(options: ImageNetROptions) -> None:
     """The checks that need no data: run first, so bad options cost nothing."""
-    check_task_count(IMAGENET_R_CLASSES, options.num_experiences, "imagenet-r")
+    options.task_split(IMAGENET_R_CLASSES, "imagenet-r")
     resolve_class_order(options.class_order, IMAGENET_R_CLASSES, 0)
     if not 0 < options.crop_scale_min <= 1:
         raise UsageError(f"crop_scale_min must be in (0, 1] (got {options.crop_scale_min})")
+
+
+def describe_imagenet_r(options: ImageNetROptions) -> str:
+    return (
+        f"{protocol_line(options, IMAGENET_R_CLASSES, 'imagenet-r')}; 30,000 images, "
+        "24,000 train / 6,000 test (fixed 80/20 split file)"
+    )
 
 
 @SCENARIOS.register(
@@ -257,6 +242,7 @@ def check_imagenet_r_options(options: ImageNetROptions) -> None:
         data_status=IMAGENET_R.status,
         download=fetch_imagenet_r,
         check_options=check_imagenet_r_options,
+        describe=describe_imagenet_r,
     ),
 )
 def imagenet_r(options: ImageNetROptions, encoder: Any, seed: int) -> Scenario:
@@ -267,8 +253,8 @@ def imagenet_r(options: ImageNetROptions, encoder: Any, seed: int) -> Scenario:
     images = IMAGENET_R.ensure(options, data_root, fetch=fetch_imagenet_r)
     split = load_or_write_split(folder / SPLIT_FILE, list_image_files(images))
     wnids = sorted({path.split("/", 1)[0] for path in split["train"] + split["test"]})
-    # the real archive has 200 classes; a smaller archive (a test's) must still divide
-    check_task_count(len(wnids), options.num_experiences, "imagenet-r")
+    # the real archive has 200 classes; a smaller archive (a test's) must still split
+    tasks = options.task_split(len(wnids), "imagenet-r")
     class_order = resolve_class_order(options.class_order, len(wnids), seed)
     class_id = {w: i for i, w in enumerate(wnids)}
 
@@ -282,8 +268,9 @@ def imagenet_r(options: ImageNetROptions, encoder: Any, seed: int) -> Scenario:
         if options.augment
         else eval_transform
     )
+    announce("imagenet-r", tasks)
     benchmark, classes = class_incremental_with_transforms(
-        train, test, class_order, options.num_experiences, train_transform, eval_transform
+        train, test, class_order, tasks, train_transform, eval_transform
     )
     return Scenario(
         name="imagenet-r",
@@ -292,6 +279,7 @@ def imagenet_r(options: ImageNetROptions, encoder: Any, seed: int) -> Scenario:
         class_names=read_class_names(images, wnids),
         modality="vision",
         details={
+            **split_details(tasks),
             "data_folder": str(images),
             "split_file": str(folder / SPLIT_FILE),
             "wnids": wnids,

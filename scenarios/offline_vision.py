@@ -12,6 +12,15 @@ import torch
 from torch import Tensor
 
 from clbench.config import Options, option
+from clbench.data.splits import (
+    TaskSplitOptions,
+    announce,
+    increment_option,
+    initial_classes_option,
+    protocol_line,
+    split_details,
+    task_sizes_option,
+)
 from clbench.data.vision import require_vision_encoder
 from clbench.registry import SCENARIOS
 from clbench.scenario import (
@@ -28,9 +37,24 @@ DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 
 
+DIGITS_CLASSES = 10
+
+
 @dataclass
-class DigitsOptions(Options):
+class DigitsOptions(TaskSplitOptions, Options):
     num_experiences: int = option(5, "number of tasks (10 classes split equally)")
+    task_sizes: list[int] = task_sizes_option()
+    initial_classes: int = initial_classes_option()
+    increment: int = increment_option()
+
+
+def check_digits_options(options: DigitsOptions) -> None:
+    """The split checks (the 10 classes are known): run before a run folder exists."""
+    options.task_split(DIGITS_CLASSES, "digits-offline")
+
+
+def describe_digits(options: DigitsOptions) -> str:
+    return protocol_line(options, DIGITS_CLASSES, "digits-offline") + ", 80/20 split per class"
 
 
 class Normalise:
@@ -81,11 +105,14 @@ def resize_images(images: np.ndarray, size: tuple[int, int]) -> Tensor:
         modality="vision",
         family="vision",
         protocol="digits",
+        check_options=check_digits_options,
+        describe=describe_digits,
     ),
 )
 def digits_offline(options: DigitsOptions, encoder: Any, seed: int) -> Scenario:
     from sklearn.datasets import load_digits
 
+    tasks = options.task_split(DIGITS_CLASSES, "digits-offline")
     size = require_vision_encoder(encoder, "digits-offline", examples="vit-tiny-random")
     digits = load_digits()
     labels = [int(y) for y in digits.target]
@@ -100,15 +127,17 @@ def digits_offline(options: DigitsOptions, encoder: Any, seed: int) -> Scenario:
         return TensorClassificationDataset(images[index], targets[index], transform)
 
     train, test = dataset(train_idx), dataset(test_idx)
-    class_order = seeded_class_order(10, seed)
-    benchmark, classes = class_incremental(train, test, class_order, options.num_experiences)
+    class_order = seeded_class_order(DIGITS_CLASSES, seed)
+    announce("digits-offline", tasks)
+    benchmark, classes = class_incremental(train, test, class_order, tasks)
     return Scenario(
         name="digits-offline",
         benchmark=benchmark,
         classes_per_experience=classes,
-        class_names=[str(c) for c in range(10)],
+        class_names=[str(c) for c in range(DIGITS_CLASSES)],
         modality="vision",
         details={
+            **split_details(tasks),
             "source": "sklearn.datasets.load_digits (UCI optical digits, bundled)",
             "split_seed": DIGITS_SPLIT_SEED,
             "test_fraction": DIGITS_TEST_FRACTION,

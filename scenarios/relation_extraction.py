@@ -8,6 +8,7 @@ downloaded from the FewRel repository and md5-checked).
 from __future__ import annotations
 
 import hashlib
+import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,15 +30,18 @@ from clbench.data.relations import (
     MAX_LENGTH_HELP,
     RelationOptions,
     build_relation_scenario,
-    fit_task_count,
+    check_relation_sizes,
     load_fewrel_json,
     load_relation_names,
     merge_relation_files,
     require_text_encoder,
 )
+from clbench.data.splits import added_option, announce, protocol_line
 from clbench.errors import DataNotFoundError, UsageError
 from clbench.registry import SCENARIOS
 from clbench.scenario import Scenario, ScenarioSpec, default_data_root
+
+log = logging.getLogger(__name__)
 
 FEWREL_BASE_URL = "https://raw.githubusercontent.com/thunlp/FewRel/master/data"
 # md5s published for these files by dataset loaders (datamaestro, among others); those of
@@ -49,6 +53,7 @@ FEWREL_MD5 = {
 }
 FEWREL_FULL_FILES = ("train_wiki.json", "val_wiki.json")  # 64 + 16 = 80 relations
 FEWREL_RELATIONS = 80
+VAL_WIKI_RELATIONS = 16
 # RP-CRE / CRL report the mean over these five seeds; pass them as `clbench run --seed`.
 PAPER_SEEDS = (2021, 2121, 2221, 2321, 2421)
 PROTOCOL_PER_RELATION = (420, 140, 140)  # train / validation / test
@@ -109,6 +114,23 @@ def fetch_fewrel_offline(
     return download(fewrel_resource("val_wiki.json"), folder, log=log, progress=progress)
 
 
+def check_fewrel_offline_options(options: FewRelOfflineOptions) -> None:
+    """The checks that need no data (val_wiki's 16 relations are known)."""
+    if options.data_file is None:
+        options.task_split(VAL_WIKI_RELATIONS, "fewrel-offline", unit="relations")
+    else:
+        options.check_split_shape("fewrel-offline", unit="relations")
+    check_max_length(options.max_length)
+
+
+def describe_fewrel_offline(options: FewRelOfflineOptions) -> str:
+    per_relation = f"{options.n_train}/{options.n_val}/{options.n_test} per relation"
+    if options.data_file is not None:
+        return f"the relations of {Path(options.data_file).name}, {per_relation}"
+    split = protocol_line(options, VAL_WIKI_RELATIONS, "fewrel-offline", unit="relations")
+    return f"val_wiki: {split}, {per_relation}"
+
+
 @SCENARIOS.register(
     "fewrel-offline",
     "FewRel val_wiki (16 relations, MIT), 4 tasks x 4 relations, 420/140/140 per relation; offline",
@@ -119,15 +141,20 @@ def fetch_fewrel_offline(
         protocol="fewrel",
         data_status=fewrel_offline_data_status,
         download=fetch_fewrel_offline,
+        check_options=check_fewrel_offline_options,
+        describe=describe_fewrel_offline,
     ),
 )
 def fewrel_offline(options: FewRelOfflineOptions, encoder: Any, seed: int) -> Scenario:
-    # Check the backbone before reading 3.5 MB of JSON for nothing.
+    # Check the options and the backbone before reading 3.5 MB of JSON for nothing.
+    check_fewrel_offline_options(options)
     require_text_encoder(encoder, "fewrel-offline")
     data_file = find_data_file(
         options.data_file, default_fewrel_candidates(), "FewRel data file", FEWREL_HOW_TO_GET
     )
     data = load_fewrel_json(data_file)
+    tasks = options.task_split(len(data), "fewrel-offline", unit="relations")
+    announce("fewrel-offline", tasks)
     names_file = data_file.parent / "pid2name.json"
     relation_names = load_relation_names(names_file) if names_file.is_file() else None
     return build_relation_scenario(
@@ -135,7 +162,7 @@ def fewrel_offline(options: FewRelOfflineOptions, encoder: Any, seed: int) -> Sc
         data,
         encoder,
         seed,
-        num_experiences=options.num_experiences,
+        tasks=tasks,
         max_length=options.max_length,
         n_train=options.n_train,
         n_val=options.n_val,
@@ -196,8 +223,12 @@ class FewRelOptions(RelationOptions):
     )
     num_experiences: int | None = option(
         None,
-        "number of tasks; default 10 when it divides the relations (80 -> 10 x 8), else the "
-        "largest count <= 10 that leaves >= 2 relations per task",
+        "number of equal tasks; default: the most tasks <= 10 that divide the relations with "
+        ">= 2 each (80 -> 10 x 8), else the most with >= 2 each, as equal as they can be",
+    )
+    exclude_relations: list[str] = added_option([], "relation ids left out (comma-separated)")
+    min_per_relation: int = added_option(
+        10, "fewer sentences in a relation is an error (it needs train, validation and test)"
     )
     n_train: int | None = option(
         None, "training sentences per relation (default 420, or 60% of the smallest relation)"
@@ -218,7 +249,7 @@ def fit_per_relation(
     if smallest >= sum(PROTOCOL_PER_RELATION):
         auto = PROTOCOL_PER_RELATION
     else:  # e.g. FewRel 2.0's val_pubmed: 100 per relation -> 60 / 20 / 20
-        held_out = smallest // 5
+        held_out = max(1, smallest // 5)  # one of each from 3 sentences on
         auto = (smallest - 2 * held_out, held_out, held_out)
     given = (n_train, n_val, n_test)
     return tuple(a if g is None else g for g, a in zip(given, auto))  # type: ignore[return-value]
@@ -273,14 +304,33 @@ def _relation_names_for(data_files: Sequence[Path], options: FewRelOptions) -> P
         return None
 
 
+def check_max_length(max_length: int) -> None:
+    if max_length < 8:
+        raise UsageError(f"max_length must be at least 8 (got {max_length})")
+
+
 def check_fewrel_options(options: FewRelOptions) -> None:
     """The checks that need no data: run first, so bad options cost nothing."""
-    if options.data_file is None:  # the 80 relations are known
-        fit_task_count(FEWREL_RELATIONS, options.num_experiences, "fewrel")
-    elif options.num_experiences is not None and options.num_experiences < 1:
-        raise UsageError(f"num_experiences must be at least 1 (got {options.num_experiences})")
-    if options.max_length < 8:
-        raise UsageError(f"max_length must be at least 8 (got {options.max_length})")
+    if options.data_file is None and not options.exclude_relations:  # 80 relations known
+        options.task_split(FEWREL_RELATIONS, "fewrel", unit="relations", automatic=True)
+    else:
+        options.check_split_shape("fewrel", unit="relations")
+    check_max_length(options.max_length)
+    if options.min_per_relation < 3:
+        raise UsageError(
+            "min_per_relation must be at least 3 (a train, a validation and a test sentence; "
+            f"got {options.min_per_relation})"
+        )
+
+
+def describe_fewrel(options: FewRelOptions) -> str:
+    if options.data_file is not None:
+        return (
+            f"the relations of {Path(options.data_file).name} (>= {options.min_per_relation} "
+            "sentences each); tasks and per-relation counts sized to fit"
+        )
+    split = protocol_line(options, FEWREL_RELATIONS, "fewrel", unit="relations")
+    return f"train_wiki + val_wiki: {split}, 420/140/140 per relation"
 
 
 @SCENARIOS.register(
@@ -294,6 +344,7 @@ def check_fewrel_options(options: FewRelOptions) -> None:
         data_status=fewrel_data_status,
         download=fetch_fewrel,
         check_options=check_fewrel_options,
+        describe=describe_fewrel,
     ),
 )
 def fewrel(options: FewRelOptions, encoder: Any, seed: int) -> Scenario:
@@ -314,18 +365,30 @@ def fewrel(options: FewRelOptions, encoder: Any, seed: int) -> Scenario:
             for name in FEWREL_FULL_FILES
         ]
     data = merge_relation_files(data_files)
-    num_experiences = fit_task_count(len(data), options.num_experiences, "fewrel")
+    data = {r: examples for r, examples in data.items() if r not in options.exclude_relations}
+    source = ", ".join(path.name for path in data_files)
+    if not data:
+        raise UsageError(f"scenario fewrel: no relations left in {source}")
+    check_relation_sizes(data, options.min_per_relation, "fewrel", source)
+    tasks = options.task_split(len(data), "fewrel", unit="relations", automatic=True)
+    announce("fewrel", tasks)
     n_train, n_val, n_test = fit_per_relation(data, options.n_train, options.n_val, options.n_test)
+    log.info(
+        f"fewrel: {len(data)} relations of {source}, the smallest with "
+        f"{min(len(v) for v in data.values())} sentences: {n_train} train / {n_val} "
+        f"validation / {n_test} test sentences per relation"
+    )
     names_file = _relation_names_for(data_files, options)
-    source_digest = hashlib.sha256(
-        "\n".join(file_digest(path) for path in data_files).encode()
-    ).hexdigest()
+    digests = [file_digest(path) for path in data_files]
+    if options.exclude_relations:  # other examples: another token cache
+        digests.append("excluded:" + ",".join(sorted(options.exclude_relations)))
+    source_digest = hashlib.sha256("\n".join(digests).encode()).hexdigest()
     return build_relation_scenario(
         "fewrel",
         data,
         encoder,
         seed,
-        num_experiences=num_experiences,
+        tasks=tasks,
         max_length=options.max_length,
         n_train=n_train,
         n_val=n_val,
@@ -336,5 +399,10 @@ def fewrel(options: FewRelOptions, encoder: Any, seed: int) -> Scenario:
             "data_files": [str(path) for path in data_files],
             "relation_names_file": str(names_file) if names_file is not None else None,
             "paper_seeds": list(PAPER_SEEDS),
+            **(
+                {"excluded_relations": options.exclude_relations}
+                if options.exclude_relations
+                else {}
+            ),
         },
     )

@@ -9,17 +9,24 @@ DataLoader's worker processes (:mod:`clbench.data.vision`).
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from torch import Tensor
 
 from clbench.config import Options, option
 from clbench.data.archive import ArchiveData
+from clbench.data.image_formats import load_cifar_batches, unpickle_cifar
+from clbench.data.splits import (
+    TaskSplitOptions,
+    announce,
+    increment_option,
+    initial_classes_option,
+    protocol_line,
+    split_details,
+    task_sizes_option,
+)
 from clbench.data.vision import (
     ClassOrder,
     class_incremental_with_transforms,
@@ -34,7 +41,6 @@ from clbench.scenario import (
     Scenario,
     ScenarioSpec,
     TensorClassificationDataset,
-    check_task_count,
     default_data_root,
 )
 
@@ -57,8 +63,11 @@ CIFAR100 = ArchiveData(
 
 
 @dataclass
-class SplitCIFAR100Options(Options):
+class SplitCIFAR100Options(TaskSplitOptions, Options):
     num_experiences: int = option(10, "number of tasks (must divide the 100 classes)")
+    task_sizes: list[int] = task_sizes_option()
+    initial_classes: int = initial_classes_option()
+    increment: int = increment_option()
     class_order: ClassOrder = option(
         "seed",
         "seed: random.seed(seed) shuffle of the classes (NoRGa's scripts); "
@@ -81,50 +90,27 @@ class CIFAR100Arrays:
     class_names: list[str]
 
 
-def _unpickle(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise DataNotFoundError(
-            f"CIFAR-100 file {path} not found; delete {path.parent} and run "
-            "`clbench download split-cifar100` again"
-        )
-    try:
-        # The python-pickle format is how CIFAR ships; the archive was checksum-verified.
-        with path.open("rb") as handle:
-            return pickle.load(handle, encoding="latin1")
-    except (pickle.UnpicklingError, EOFError, ValueError) as error:
-        raise DataNotFoundError(
-            f"CIFAR-100 file {path} is corrupt ({error}); delete {path.parent} and run "
-            "`clbench download split-cifar100` again"
-        ) from error
-
-
 def load_cifar100(folder: Path) -> CIFAR100Arrays:
     """The python-format CIFAR-100 in ``folder`` (files train, test, meta)."""
     folder = Path(folder)
-    meta = _unpickle(folder / "meta")
-    arrays = {}
-    for split in ("train", "test"):
-        raw = _unpickle(folder / split)
-        try:
-            images = np.asarray(raw["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-            labels = np.asarray(raw["fine_labels"], dtype=np.int64)
-        except (KeyError, ValueError) as error:
-            raise DataNotFoundError(
-                f"CIFAR-100 file {folder / split} is not in the python CIFAR-100 format "
-                f"({error}); delete {folder} and download it again"
-            ) from error
-        if len(images) != len(labels):
-            raise DataNotFoundError(f"{folder / split}: {len(images)} images, {len(labels)} labels")
-        arrays[split] = (torch.from_numpy(images.copy()), torch.from_numpy(labels))
-    return CIFAR100Arrays(
-        *arrays["train"], *arrays["test"], class_names=list(meta["fine_label_names"])
-    )
+    meta = unpickle_cifar(folder / "meta", "CIFAR-100", "split-cifar100")
+    train = load_cifar_batches(folder, ["train"], "fine_labels", "CIFAR-100", "split-cifar100")
+    test = load_cifar_batches(folder, ["test"], "fine_labels", "CIFAR-100", "split-cifar100")
+    return CIFAR100Arrays(*train, *test, class_names=list(meta["fine_label_names"]))
 
 
 def check_cifar100_options(options: SplitCIFAR100Options) -> None:
     """The checks that need no data: run first, so bad options cost nothing."""
-    check_task_count(CIFAR100_CLASSES, options.num_experiences, "split-cifar100")
+    options.task_split(CIFAR100_CLASSES, "split-cifar100")
     resolve_class_order(options.class_order, CIFAR100_CLASSES, 0)
+
+
+def describe_cifar100(options: SplitCIFAR100Options) -> str:
+    order = "seeded class order" if options.class_order == "seed" else "classes 0..99 in order"
+    return (
+        f"{protocol_line(options, CIFAR100_CLASSES, 'split-cifar100')}, {order}; "
+        "500 train / 100 test images per class"
+    )
 
 
 @SCENARIOS.register(
@@ -138,11 +124,13 @@ def check_cifar100_options(options: SplitCIFAR100Options) -> None:
         data_status=CIFAR100.status,
         download=CIFAR100.fetch,
         check_options=check_cifar100_options,
+        describe=describe_cifar100,
     ),
 )
 def split_cifar100(options: SplitCIFAR100Options, encoder: Any, seed: int) -> Scenario:
     # Bad options and a wrong backbone are refused before any download.
     check_cifar100_options(options)
+    tasks = options.task_split(CIFAR100_CLASSES, "split-cifar100")
     class_order = resolve_class_order(options.class_order, CIFAR100_CLASSES, seed)
     size = require_vision_encoder(encoder, "split-cifar100")
     folder = CIFAR100.ensure(options, default_data_root())
@@ -155,8 +143,9 @@ def split_cifar100(options: SplitCIFAR100Options, encoder: Any, seed: int) -> Sc
     )
     train = TensorClassificationDataset(data.train_images, data.train_labels)
     test = TensorClassificationDataset(data.test_images, data.test_labels)
+    announce("split-cifar100", tasks)
     benchmark, classes = class_incremental_with_transforms(
-        train, test, class_order, options.num_experiences, train_transform, eval_transform
+        train, test, class_order, tasks, train_transform, eval_transform
     )
     return Scenario(
         name="split-cifar100",
@@ -165,6 +154,7 @@ def split_cifar100(options: SplitCIFAR100Options, encoder: Any, seed: int) -> Sc
         class_names=data.class_names,
         modality="vision",
         details={
+            **split_details(tasks),
             "data_folder": str(folder),
             "class_order": class_order,
             "class_order_kind": options.class_order,

@@ -32,9 +32,9 @@ from clbench.data.relations import (
     RelationSplits,
     build_relation_scenario,
     check_fewrel_structure,
-    fit_task_count,
     require_text_encoder,
 )
+from clbench.data.splits import announce, protocol_line
 from clbench.errors import DataNotFoundError, UsageError
 from clbench.registry import SCENARIOS
 from clbench.scenario import Scenario, ScenarioSpec, default_data_root
@@ -198,10 +198,18 @@ def check_tacred_options(options: TACREDOptions) -> None:
     if options.max_train < 1 or options.max_test < 1:
         raise UsageError("max_train and max_test must be at least 1")
     if sorted(options.exclude_relations) == sorted(EXCLUDED_RELATIONS):
-        # the protocol's 40 relations: an impossible task count is known without the data
-        fit_task_count(TACRED_RELATIONS, options.num_experiences, "tacred")
-    elif options.num_experiences < 1:
-        raise UsageError(f"num_experiences must be at least 1 (got {options.num_experiences})")
+        # the protocol's 40 relations: an impossible split is known without the data
+        options.task_split(TACRED_RELATIONS, "tacred", unit="relations")
+    else:
+        options.check_split_shape("tacred", unit="relations")
+
+
+def describe_tacred(options: TACREDOptions) -> str:
+    per_relation = f"<= {options.max_train} train / min(n/5, {options.max_test}) test per relation"
+    if sorted(options.exclude_relations) != sorted(EXCLUDED_RELATIONS):
+        return f"the labels left after excluding {len(options.exclude_relations)}, {per_relation}"
+    split = protocol_line(options, TACRED_RELATIONS, "tacred", unit="relations")
+    return f"{split}, {per_relation}"
 
 
 @SCENARIOS.register(
@@ -215,6 +223,7 @@ def check_tacred_options(options: TACREDOptions) -> None:
         data_status=tacred_data_status,
         download=check_tacred_present,
         check_options=check_tacred_options,
+        describe=describe_tacred,
     ),
 )
 def tacred(options: TACREDOptions, encoder: Any, seed: int) -> Scenario:
@@ -222,7 +231,8 @@ def tacred(options: TACREDOptions, encoder: Any, seed: int) -> Scenario:
     require_text_encoder(encoder, "tacred")
     files = find_tacred_files(options.data_file, default_data_root() / "tacred")
     data = load_tacred(files, options.exclude_relations)
-    num_experiences = fit_task_count(len(data), options.num_experiences, "tacred")
+    tasks = options.task_split(len(data), "tacred", unit="relations")
+    announce("tacred", tasks)
     splits = split_tacred(data, seed, options.max_train, options.max_test)
     digest = hashlib.sha256()
     digest.update(f"tacred-conversion-{CONVERSION_VERSION}".encode())
@@ -234,7 +244,7 @@ def tacred(options: TACREDOptions, encoder: Any, seed: int) -> Scenario:
         data,
         encoder,
         seed,
-        num_experiences=num_experiences,
+        tasks=tasks,
         max_length=options.max_length,
         n_train=max(len(v) for v in splits.train.values()),
         n_val=0,

@@ -241,11 +241,13 @@ def test_every_scenario_registers_a_typed_spec():
             assert not hasattr(entry.target, old_attribute), (entry.name, old_attribute)
         protocols[entry.name] = entry.spec.protocol or entry.name
     assert protocols == {
+        "5-datasets": "5-datasets",
         "digits-offline": "digits",
         "fewrel": "fewrel",
         "fewrel-offline": "fewrel",
         "imagenet-r": "imagenet-r",
         "split-cifar100": "split-cifar100",
+        "split-cub200": "split-cub200",
         "tacred": "tacred",
     }
     assert SCENARIOS.spec("fewrel-offline").metrics == ("faa", "caa", "ffm", "seen")

@@ -12,7 +12,8 @@ import test_download
 import torch
 from test_download import IMAGENET_R_SIZES, cifar100_tarball, imagenet_r_tar, md5
 
-from clbench.data.relations import fit_task_count, split_relation_examples
+from clbench.data.relations import split_relation_examples
+from clbench.data.splits import automatic_split, resolve_task_split
 from clbench.errors import DataNotFoundError, UsageError
 from clbench.registry import SCENARIOS
 from clbench.scenario import seeded_class_order
@@ -286,17 +287,19 @@ def test_fewrel_downloads_and_fits_tasks(fewrel_mirror, data_root, minilm, serve
 def test_fewrel_protocol_numbers():
     """80 relations x 700 sentences: 10 tasks x 8, 420 / 140 / 140 per relation."""
     data = {f"P{i}": [{}] * 700 for i in range(80)}
-    assert fit_task_count(80, None, "fewrel") == 10
+    assert automatic_split(80, "fewrel").sizes == (8,) * 10
     assert fit_per_relation(data, None, None, None) == (420, 140, 140)
     splits = split_relation_examples(data, 2021, 420, 140, 140)
     assert splits.counts() == {"train": 33_600, "val": 11_200, "test": 11_200}
-    assert fit_task_count(16, None, "x") == 8 and fit_task_count(10, None, "x") == 5
+    assert automatic_split(16, "x").num_tasks == 8 and automatic_split(10, "x").num_tasks == 5
     assert fit_per_relation({"P1": [{}] * 100}, None, None, None) == (60, 20, 20)
     assert fit_per_relation(data, 100, None, 50) == (100, 140, 50)
     with pytest.raises(UsageError, match="80 relations into 3"):
-        fit_task_count(80, 3, "fewrel")
+        resolve_task_split(80, num_experiences=3, scenario="fewrel", unit="relations")
+    # 7 relations: no count divides them, so the automatic split is uneven (was an error)
+    assert automatic_split(7, "fewrel").sizes == (3, 2, 2)
     with pytest.raises(UsageError, match="set scenario.num_experiences"):
-        fit_task_count(7, None, "fewrel")
+        automatic_split(3, "fewrel")
 
 
 def test_fewrel_bad_input(fewrel_mirror, data_root, minilm, server, tmp_path):

@@ -6,6 +6,11 @@
   (its folder under the data root, status, fetch-once).
 - :mod:`~clbench.data.files`: the repository root and small JSON / file-lookup helpers.
 - :mod:`~clbench.data.vision`: ViT transforms, the transform-group benchmark, class orders.
+- :mod:`~clbench.data.splits`: how classes are cut into tasks (equal, ``task_sizes``,
+  B initial classes + increments of C, the automatic choice) and the checks of it.
+- :mod:`~clbench.data.images`: datasets of image files / of images of several sizes;
+  :mod:`~clbench.data.image_formats` the readers of CIFAR, IDX (MNIST), SVHN .mat and
+  class-folder images.
 - :mod:`~clbench.data.relations`: FewRel-format relation data (format checks, the
   RP-CRE / CRL split, the relation-scenario builder); :mod:`~clbench.data.relation_tokens`
   its entity-marked encoding and on-disk token cache.

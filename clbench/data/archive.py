@@ -1,4 +1,4 @@
-"""Data sets published as one checksummed archive (CIFAR-100, ImageNet-R).
+"""Data sets published as one checksummed archive (CIFAR-100, ImageNet-R, CUB-200-2011).
 
 Each has a folder under the data root holding the archive and its extraction::
 

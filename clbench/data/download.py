@@ -26,10 +26,12 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tarfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -295,17 +297,44 @@ def print_progress(prefix: str = "  ") -> ProgressCallback:
 # ---------------------------------------------------------------------------- extraction
 
 
-def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
-    name = PurePosixPath(member.name)
-    if name.is_absolute() or ".." in name.parts or member.name.startswith(("/", "\\")):
+def _check_member_name(name: str, archive: Path) -> None:
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or name.startswith(("/", "\\")):
         raise UnsafeArchiveError(
-            f"{archive}: member {member.name!r} would be written outside the target folder; "
+            f"{archive}: member {name!r} would be written outside the target folder; "
             "refusing to extract (delete the file and download it again)"
         )
+
+
+def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
+    _check_member_name(member.name, archive)
     if not (member.isfile() or member.isdir()):
         raise UnsafeArchiveError(
             f"{archive}: member {member.name!r} is a link or special file; refusing to extract"
         )
+
+
+def _unpack_tar(archive: Path, staging: Path) -> None:
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        for member in members:
+            _check_member(member, archive)
+        # Python >= 3.12 (and patched 3.10 / 3.11) also apply the "data" filter
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(staging, members=members, filter="data")  # noqa: S202
+        else:  # every member was checked above
+            tar.extractall(staging, members=members)  # noqa: S202
+
+
+def _unpack_zip(archive: Path, staging: Path) -> None:
+    with zipfile.ZipFile(archive) as bundle:
+        for info in bundle.infolist():
+            _check_member_name(info.filename, archive)
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise UnsafeArchiveError(
+                    f"{archive}: member {info.filename!r} is a link; refusing to extract"
+                )
+        bundle.extractall(staging)  # every member name was checked above
 
 
 def extract_tar(archive: Path, destination: Path, top_level: str) -> Path:
@@ -315,6 +344,21 @@ def extract_tar(archive: Path, destination: Path, top_level: str) -> Path:
     extraction is renamed into place, so an interrupted one is never mistaken for data.
     Returns ``destination``.
     """
+    return _extract(archive, destination, top_level, _unpack_tar, "tar")
+
+
+def extract_zip(archive: Path, destination: Path, top_level: str) -> Path:
+    """:func:`extract_tar` for a zip archive (members checked the same way)."""
+    return _extract(archive, destination, top_level, _unpack_zip, "zip")
+
+
+def _extract(
+    archive: Path,
+    destination: Path,
+    top_level: str,
+    unpack: Callable[[Path, Path], None],
+    kind: str,
+) -> Path:
     archive, destination = Path(archive), Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = destination.parent / f".{destination.name}.{os.getpid()}.extracting"
@@ -322,19 +366,11 @@ def extract_tar(archive: Path, destination: Path, top_level: str) -> Path:
     try:
         staging.mkdir()
         try:
-            with tarfile.open(archive) as tar:
-                members = tar.getmembers()
-                for member in members:
-                    _check_member(member, archive)
-                # Python >= 3.12 (and patched 3.10 / 3.11) also apply the "data" filter
-                if hasattr(tarfile, "data_filter"):
-                    tar.extractall(staging, members=members, filter="data")  # noqa: S202
-                else:  # every member was checked above
-                    tar.extractall(staging, members=members)  # noqa: S202
-        except (tarfile.TarError, EOFError, OSError) as error:
+            unpack(archive, staging)
+        except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as error:
             raise DataNotFoundError(
-                f"{archive} is not a readable tar archive ({error}); delete it and download "
-                "it again"
+                f"{archive} is not a readable {kind} archive ({error}); delete it and "
+                "download it again"
             ) from error
         extracted = staging / top_level
         if not extracted.is_dir():

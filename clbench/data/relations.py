@@ -2,8 +2,8 @@
 
 FewRel JSON: ``{relation_id: [{"tokens": [...], "h": [name, wikidata_id, [[idx, ...]]],
 "t": [...]}, ...]}``; an entity may have several mentions, we mark the first. Here: the
-format checks, relation names, the RP-CRE / CRL per-relation split, task counts, the
-options every relation scenario starts with, and the scenario builder (which encodes
+format checks, relation names, the RP-CRE / CRL per-relation split, the per-relation
+minimum, the options every relation scenario starts with, and the scenario builder (which encodes
 through :mod:`clbench.data.relation_tokens`). The FewRel scenarios are in
 ``scenarios/relation_extraction.py``, TACRED's in ``scenarios/tacred.py``.
 """
@@ -21,11 +21,18 @@ import torch
 from clbench.config import Options, option
 from clbench.data.files import read_json
 from clbench.data.relation_tokens import encode_relation_examples_cached
+from clbench.data.splits import (
+    TaskSplit,
+    TaskSplitOptions,
+    increment_option,
+    initial_classes_option,
+    split_details,
+    task_sizes_option,
+)
 from clbench.errors import DataNotFoundError, UsageError
 from clbench.scenario import (
     Scenario,
     TensorClassificationDataset,
-    check_task_count,
     class_incremental,
     seeded_class_order,
 )
@@ -35,21 +42,23 @@ FEWREL_HOW_TO_GET = (
     "relation names) from https://github.com/thunlp/FewRel and put it in one of those "
     "places, or pass --set scenario.data_file=PATH"
 )
-# An automatic task count is at most this (RP-CRE / CRL use 10 tasks).
-MAX_AUTO_EXPERIENCES = 10
 MAX_LENGTH_HELP = "tokens per sentence, [CLS]/[SEP]/markers included"
 
 
 @dataclass
-class RelationOptions(Options):
+class RelationOptions(TaskSplitOptions, Options):
     """The options every relation-extraction scenario starts with, in this order (the
-    order of their config.json keys): the data, the task count, the sequence length.
-    A scenario's options subclass this and redeclare a field for its own default or help.
+    order of their config.json keys): the data, the task count, the sequence length, the
+    other ways to split (:mod:`clbench.data.splits`; recorded only when used). A
+    scenario's options subclass this and redeclare a field for its own default or help.
     """
 
     data_file: str | None = option(None, "a FewRel-format JSON file")
     num_experiences: int | None = option(None, "number of tasks (the relations split equally)")
     max_length: int = option(256, MAX_LENGTH_HELP)
+    task_sizes: list[int] = task_sizes_option()
+    initial_classes: int = initial_classes_option()
+    increment: int = increment_option()
 
 
 # ---------------------------------------------------------------------------- loading
@@ -190,19 +199,21 @@ def split_relation_examples(
     return RelationSplits(**splits)
 
 
-def fit_task_count(num_relations: int, requested: int | None, scenario: str) -> int:
-    """The requested task count if it divides the relations, else the automatic one."""
-    if requested is not None:
-        check_task_count(num_relations, requested, scenario, unit="relations")
-        return requested
-    for count in range(MAX_AUTO_EXPERIENCES, 1, -1):
-        if num_relations % count == 0 and num_relations // count >= 2:
-            return count
-    raise UsageError(
-        f"scenario {scenario}: {num_relations} relations split into no task count between 2 "
-        f"and {MAX_AUTO_EXPERIENCES} with >= 2 relations per task; set "
-        "scenario.num_experiences"
-    )
+def check_relation_sizes(
+    data: Mapping[str, Sequence[dict]], minimum: int, scenario: str, path: str
+) -> None:
+    """Every relation needs ``minimum`` sentences (train, validation and test of it);
+    the error lists the relations below it, smallest first."""
+    small = sorted((len(examples), relation) for relation, examples in data.items())
+    small = [(n, relation) for n, relation in small if n < minimum]
+    if small:
+        listed = ", ".join(f"{relation} ({n})" for n, relation in small[:10])
+        more = f" and {len(small) - 10} more" if len(small) > 10 else ""
+        raise UsageError(
+            f"scenario {scenario}: {len(small)} relation(s) of {path} have fewer than "
+            f"{minimum} sentences, too few to train and test on: {listed}{more}. Leave them "
+            "out (scenario.exclude_relations=...) or lower scenario.min_per_relation"
+        )
 
 
 # --------------------------------------------------------------------------- scenario
@@ -222,7 +233,7 @@ def build_relation_scenario(
     encoder: Any,
     seed: int,
     *,
-    num_experiences: int,
+    tasks: TaskSplit,
     max_length: int,
     n_train: int,
     n_val: int,
@@ -235,13 +246,16 @@ def build_relation_scenario(
     """A class-incremental relation-extraction scenario from FewRel-format data.
 
     Class id = index of the relation in sorted id order; the stream visits relations in
-    ``seeded_class_order(num_relations, seed)``. The validation split is kept aside in
+    ``seeded_class_order(num_relations, seed)``, cut into ``tasks`` (a split resolved
+    before anything is encoded). The validation split is kept aside in
     ``details["validation"]``. ``splits`` replaces the RP-CRE / CRL cut for protocols
     that split otherwise (TACRED); ``n_train`` / ``n_val`` / ``n_test`` then only describe
     it (as the largest per-relation counts).
     """
     require_text_encoder(encoder, name)
     relations = sorted(data)
+    if tasks.num_classes != len(relations):
+        raise UsageError(f"{name}: a split of {tasks.num_classes} relations for {len(relations)}")
     if splits is None:
         splits = split_relation_examples(data, seed, n_train, n_val, n_test)
     # Encode the whole file in a fixed order (independent of the seed) so one cache
@@ -266,7 +280,7 @@ def build_relation_scenario(
 
     train, val, test = dataset(splits.train), dataset(splits.val), dataset(splits.test)
     class_order = seeded_class_order(len(relations), seed)
-    benchmark, classes = class_incremental(train, test, class_order, num_experiences)
+    benchmark, classes = class_incremental(train, test, class_order, tasks)
     names = relation_names or {}
     return Scenario(
         name=name,
@@ -276,6 +290,7 @@ def build_relation_scenario(
         modality="text",
         details={
             **(details or {}),
+            **split_details(tasks),
             "relation_ids": relations,
             "class_order": class_order,
             "seed": seed,

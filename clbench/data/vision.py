@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 
+from clbench.data.splits import TaskSplit
 from clbench.errors import UsageError
 from clbench.scenario import seeded_class_order, split_into_tasks
 
@@ -78,11 +79,12 @@ def class_incremental_with_transforms(
     train: Any,
     test: Any,
     class_order: Sequence[int],
-    num_experiences: int,
+    tasks: int | TaskSplit,
     train_transform: Any,
     eval_transform: Any,
 ) -> tuple[Any, list[list[int]]]:
-    """:func:`clbench.scenario.class_incremental`, with Avalanche transform groups.
+    """:func:`clbench.scenario.class_incremental`, with Avalanche transform groups
+    (``tasks``: a number of equal tasks or a :class:`~clbench.data.splits.TaskSplit`).
 
     Avalanche switches every experience's dataset to its "train" group in
     ``strategy.train`` and to "eval" in ``strategy.eval``; the test datasets start in
@@ -95,13 +97,13 @@ def class_incremental_with_transforms(
     def groups() -> TransformGroups:
         return TransformGroups({"train": train_transform, "eval": eval_transform})
 
-    classes = split_into_tasks(class_order, num_experiences)
+    classes = split_into_tasks(class_order, tasks)
     benchmark = class_incremental_benchmark(
         {
             "train": as_classification_dataset(train, transform_groups=groups()),
             "test": as_classification_dataset(test, transform_groups=groups()).eval(),
         },
         class_order=list(class_order),
-        num_experiences=num_experiences,
+        num_classes_per_exp=[len(c) for c in classes],
     )
     return benchmark, classes
