@@ -40,7 +40,12 @@ def describe(options_class: type) -> list[tuple[str, str, Any, str]]:
     hints = get_type_hints(options_class)
     rows = []
     for f in fields(options_class):
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            default = None  # a required field (none of ours has one)
         symbol = f.metadata.get("symbol")
         help_text = f.metadata.get("help", "")
         if symbol:

@@ -5,6 +5,12 @@ t; rows exist for the experiences finished so far, every row covers all experien
 Avalanche's own forgetting is measured from the diagonal A[i, i]; the papers' (and ours)
 from the best accuracy ever reached, so the two can differ.
 
+Entries of test experiences not evaluated are NaN (``null`` in progress.json): by default
+the run loop evaluates after experience t only the test experiences 0..t, whose entries
+are the only ones any metric here reads (i <= t; unseen classes are masked, so the rest
+would be 0). Runs made before, or with ``evaluate="all"``, hold those zeros instead;
+both read the same.
+
 The run loop (metrics.json), the tables and the figures all take their numbers from here:
 the per-task curves and forgetting bars are the terms of the same FAA and FFM.
 """
@@ -66,11 +72,17 @@ def final_forgetting(accuracy: np.ndarray) -> float:
 
 def seen_accuracy(correct: np.ndarray, counts: np.ndarray) -> list[float]:
     """Sample-weighted accuracy (%) over the pooled test items of all seen experiences,
-    after each experience: the metric of continual relation extraction papers."""
+    after each experience: the metric of continual relation extraction papers.
+
+    ``counts``: test items per experience, one row for all ([T]) or one row per finished
+    experience ([t, T], NaN where not evaluated); only the seen entries are read.
+    """
     correct = np.asarray(correct, dtype=float)
     counts = np.asarray(counts, dtype=float)
+    if counts.ndim == 1:
+        counts = np.broadcast_to(counts, correct.shape)
     return [
-        float(100.0 * correct[t, : t + 1].sum() / counts[: t + 1].sum())
+        float(100.0 * correct[t, : t + 1].sum() / counts[t, : t + 1].sum())
         for t in range(correct.shape[0])
     ]
 

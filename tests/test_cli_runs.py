@@ -66,7 +66,11 @@ def test_full_run_writes_the_results_folder_and_show_prints_it(tmp_path, capsys)
     assert config["preset"] == "quick" and config["strategy_options"]["epochs"] == 1
     matrix = folder.accuracy_matrix()
     assert matrix.shape == (5, 5)
-    assert np.all(matrix[np.triu_indices(5, 1)] == 0)  # unseen classes are never predicted
+    # only the seen test experiences are evaluated (--evaluate seen, the default): the
+    # unseen ones are not evaluated (NaN), not 0 (tests/test_evaluate_seen.py: --evaluate all)
+    assert config["evaluate"] == "seen"
+    assert np.isnan(matrix[np.triu_indices(5, 1)]).all()
+    assert not np.isnan(matrix[np.tril_indices(5)]).any()
     summary = json.loads((folder_path / "metrics.json").read_text())
     assert set(summary) >= {"faa", "caa", "ffm", "seen_accuracy", "train_seconds", "peak_memory_mb"}
     environment = json.loads((folder_path / "environment.json").read_text())

@@ -119,6 +119,28 @@ def test_heatmap_is_the_mean_matrix_with_unseen_tasks_blank(results: Path) -> No
     assert shown.mask[0, 1] and shown.mask[1, 2] and not shown.mask[2, 0]
 
 
+def test_heatmap_leaves_entries_not_evaluated_blank_not_zero(tmp_path: Path) -> None:
+    # seed 0 evaluated only the seen tasks (null above the diagonal), seed 1 all of them
+    make_run(tmp_path, "digits-offline", "l2p", 0, [[90, None], [70, 60]])
+    make_run(tmp_path, "digits-offline", "l2p", 1, [[80, 0], [50, 40]])
+    runs = assign_rows(load_runs([tmp_path], with_matrix=True), TableOptions())
+    (row,) = plots.row_runs(runs, TableOptions())
+    matrix, seeds = plots.mean_matrix(row)
+    assert seeds == 2 and matrix[1].tolist() == [60.0, 50.0] and np.isnan(matrix[0, 1])
+    figure = plots.heatmap_figure(matrix, "test")
+    shown = figure.axes[0].images[0].get_array()
+    assert shown.mask.tolist() == [[False, True], [False, False]]
+    assert sorted(text.get_text() for text in figure.axes[0].texts) == ["50", "60", "85"]
+    # an entry not evaluated below the diagonal (never written by the run loop) is blank too
+    hole = plots.heatmap_figure(np.array([[90.0, np.nan], [np.nan, 60.0]]), "test")
+    assert hole.axes[0].images[0].get_array().mask.tolist() == [[False, True], [True, False]]
+    assert sorted(text.get_text() for text in hole.axes[0].texts) == ["60", "90"]
+    # the curves and forgetting bars of such runs are those of runs with zeros
+    curves = plots.curve_series(row, "average", 1)
+    assert curves.mean.tolist() == pytest.approx([85.0, (65 + 45) / 2])
+    assert plots.forgetting_series(row, 1).mean.tolist() == pytest.approx([25.0])
+
+
 def test_plot_cli_and_errors(results: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "cli"
     code = main(["plot", str(results), "--kind", "forgetting", "--out", str(out), "--scenario",

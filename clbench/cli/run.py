@@ -46,13 +46,18 @@ def _add_list(commands: Commands) -> None:
 
 
 def _scenario_note(entry: Any) -> str:
-    """`` [default backbone: ...] [data: ...]``, from the scenario's registered spec."""
+    """`` [protocol: ...] [default backbone: ...] [data: ...]``, from the scenario's spec."""
     from clbench.data.download import data_marker
     from clbench.registry import options_class
 
     spec = entry.spec
-    note = f" [default backbone: {spec.default_backbone}]" if spec is not None else ""
-    return note + data_marker(entry.name, spec, options_class(entry.target))
+    options_type = options_class(entry.target)
+    note = ""
+    if spec is not None and spec.describe is not None:
+        note += f" [protocol: {spec.describe(options_type())}]"
+    if spec is not None:
+        note += f" [default backbone: {spec.default_backbone}]"
+    return note + data_marker(entry.name, spec, options_type)
 
 
 def command_list(args: argparse.Namespace) -> int:

@@ -157,10 +157,12 @@ def _figure(size: tuple[float, float] = FIGURE_SIZE) -> Figure:
 
 def heatmap_figure(matrix: np.ndarray, title: str) -> Figure:
     """A[t, i] with t down the side and i along the top; tasks not yet trained are blank
-    (their accuracy is ~0 by construction and would only drown the colour scale)."""
+    (their accuracy is ~0 by construction and would only drown the colour scale), and so
+    is every entry not evaluated (NaN: runs that evaluate only the seen tasks), never 0."""
     matrix = np.asarray(matrix, dtype=float)
     rows, columns = matrix.shape
-    shown = np.ma.masked_where(np.triu(np.ones_like(matrix, dtype=bool), k=1), matrix)
+    blank = np.triu(np.ones_like(matrix, dtype=bool), k=1) | np.isnan(matrix)
+    shown = np.ma.masked_where(blank, matrix)
     size = (max(4.0, 0.55 * columns + 2.2), max(3.2, 0.5 * rows + 1.6))
     figure = _figure(size)
     axes = figure.add_subplot()
@@ -169,6 +171,8 @@ def heatmap_figure(matrix: np.ndarray, title: str) -> Figure:
         for t in range(rows):
             for i in range(min(t + 1, columns)):
                 value = matrix[t, i]
+                if blank[t, i]:
+                    continue
                 colour = "black" if value > 60 else "white"  # viridis is light at the top
                 axes.text(i, t, f"{value:.0f}", ha="center", va="center", color=colour,
                           fontsize=8)  # fmt: skip

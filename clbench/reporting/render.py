@@ -105,7 +105,9 @@ def to_latex(table: DisplayTable) -> str:
 
 
 def _plain(value: Any) -> Any:
-    """JSON- and CSV-friendly scalars: NaN -> None, numpy types -> Python types."""
+    """JSON- and CSV-friendly scalars: NaN and pd.NA -> None, numpy types -> Python types."""
+    if value is pd.NA:  # a nullable integer column's missing value (a run's task count)
+        return None
     if isinstance(value, (np.generic,)):
         value = value.item()
     if isinstance(value, float) and math.isnan(value):

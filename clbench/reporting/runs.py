@@ -126,7 +126,7 @@ def read_run(path: Path, *, with_matrix: bool = False) -> dict[str, Any]:
             protocol=str(config.get("protocol_version", "?")),
             setting_options=json.dumps(setting_of(config), sort_keys=True),
             # known before any task finishes, for scenarios that take the option
-            tasks=(config.get("scenario_options") or {}).get("num_experiences"),
+            tasks=_planned_tasks(config.get("scenario_options") or {}),
             family=facts.family,
             scenario_protocol=facts.protocol,
             scenario_metrics=facts.metrics,
@@ -242,3 +242,13 @@ def filter_runs(runs: pd.DataFrame, filters: Mapping[str, Sequence[str]]) -> pd.
             )
         kept = kept[mask]
     return kept.reset_index(drop=True)
+
+
+def _planned_tasks(scenario_options: dict[str, Any]) -> int | None:
+    """The task count a run's options ask for (an explicit ``task_sizes`` list wins), until
+    its first record gives the real one."""
+    sizes = scenario_options.get("task_sizes")
+    if sizes:
+        return len(sizes)
+    tasks = scenario_options.get("num_experiences")
+    return None if tasks is None else int(tasks)

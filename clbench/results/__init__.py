@@ -3,12 +3,15 @@
 Layout of ``<out>/<scenario>/<strategy>/<run-id>/``:
 
 config.json          the resolved configuration (what ``--resume`` re-reads), with the
-                     scenario's family, paper protocol and metrics
+                     scenario's family, paper protocol and metrics, and which test
+                     experiences are evaluated ("evaluate": seen | all; absent: all)
 environment.json     versions, device, git commit, host
 progress.json        one record per finished experience: accuracy row, correct / counts
-                     per test experience, train / eval seconds, peak memory, extras
+                     per test experience (null where not evaluated: the unseen ones
+                     under "seen"), train / eval seconds, peak memory, extras
 metrics.json         FAA, CAA, FFM, seen-class accuracy (recomputed after each experience)
-accuracy_matrix.csv  A[t, i] in %, one row per finished experience
+accuracy_matrix.csv  A[t, i] in %, one row per finished experience, empty where not
+                     evaluated
 checkpoint.pt        strategy state after the last finished experience
 status.json          running | interrupted | failed | complete
 

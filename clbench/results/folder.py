@@ -29,6 +29,11 @@ STATUS = "status.json"
 
 # The family a run made before config.json recorded one is taken to belong to.
 LEGACY_FAMILY = "vision"
+# Which test experiences the run loop evaluates after each experience: "seen" (0..t, the
+# default) or "all" (also the unseen ones, for forward-transfer studies). Runs made before
+# config.json recorded it evaluated all of them.
+EVALUATE_CHOICES = ("seen", "all")
+LEGACY_EVALUATE = "all"
 
 
 @dataclass
@@ -36,9 +41,11 @@ class ExperienceRecord:
     """One finished experience, as progress.json lists it."""
 
     experience: int
-    accuracy: list[float]  # % per test experience (seen and unseen)
-    correct: list[int]
-    counts: list[int]
+    # per test experience; None (null) where it was not evaluated (unseen ones under
+    # evaluate="seen"), 0 % for unseen ones under "all" and in runs made before
+    accuracy: list[float | None]  # %
+    correct: list[int | None]
+    counts: list[int | None]
     train_seconds: float
     eval_seconds: float
     peak_memory_mb: float
@@ -69,6 +76,11 @@ def scenario_facts(config: dict[str, Any]) -> ScenarioFacts:
     if reported is None:
         reported = metrics.FAMILY_METRICS.get(family, metrics.FAMILY_METRICS[LEGACY_FAMILY])
     return ScenarioFacts(family, protocol, tuple(str(m) for m in reported))
+
+
+def evaluation_mode(config: dict[str, Any]) -> str:
+    """``config.json``'s "evaluate": "seen" or "all" (runs made before the key existed)."""
+    return str(config.get("evaluate", LEGACY_EVALUATE))
 
 
 def strategy_label(strategy: str) -> str:
@@ -106,9 +118,9 @@ class RunFolder:
     def _write_records(self, records: Sequence[ExperienceRecord]) -> None:
         # progress first: the derived files are always recomputable from it
         atomic_write_json(self.path / PROGRESS, [vars(r) for r in records], indent=2)
-        accuracy = np.array([r.accuracy for r in records])
+        accuracy = _matrix([r.accuracy for r in records])
         summary = metrics.summarise(
-            accuracy, np.array([r.correct for r in records]), np.array(records[0].counts)
+            accuracy, _matrix([r.correct for r in records]), _matrix([r.counts for r in records])
         )
         summary["train_seconds"] = float(sum(r.train_seconds for r in records))
         summary["eval_seconds"] = float(sum(r.eval_seconds for r in records))
@@ -116,7 +128,7 @@ class RunFolder:
         atomic_write_json(self.path / METRICS, summary, indent=2)
         header = ",".join(f"exp{i}" for i in range(accuracy.shape[1]))
         lines = [f"after,{header}"] + [
-            f"{r.experience}," + ",".join(f"{a:.4f}" for a in r.accuracy) for r in records
+            f"{r.experience}," + ",".join(_csv_cell(a) for a in r.accuracy) for r in records
         ]
         atomic_write_text(self.path / ACCURACY_MATRIX, "\n".join(lines) + "\n")
 
@@ -159,7 +171,18 @@ class RunFolder:
             return {}
 
     def accuracy_matrix(self) -> np.ndarray:
-        return np.array([r.accuracy for r in self.records()], dtype=float)
+        """A[t, i] in %, NaN where test experience i was not evaluated after t."""
+        return _matrix([r.accuracy for r in self.records()])
+
+
+def _matrix(rows: Sequence[Sequence[float | int | None]]) -> np.ndarray:
+    """Rows of progress.json as floats; None (not evaluated) becomes NaN."""
+    return np.array(rows, dtype=float)
+
+
+def _csv_cell(accuracy: float | None) -> str:
+    # an empty cell, not 0: a test experience not evaluated has no accuracy
+    return "" if accuracy is None else f"{accuracy:.4f}"
 
 
 def write_run_folder(
@@ -179,7 +202,8 @@ def write_run_folder(
 
     For tests, benchmarks and for bringing results computed elsewhere into clbench's
     tables. Correct counts are rounded from the accuracies, and accuracies recomputed
-    from them, so every file agrees with every other. ``family`` (and ``protocol``,
+    from them, so every file agrees with every other; an entry given as None (or NaN)
+    was not evaluated and is written as such (null accuracy, correct and count). ``family`` (and ``protocol``,
     default the scenario's name) add the keys the run loop writes from the scenario's
     spec; without them the folder reads as a run made before those keys existed.
     """
@@ -192,15 +216,20 @@ def write_run_folder(
             "metrics": list(metrics.FAMILY_METRICS[family]),
         }
     counts_array = np.asarray(counts, dtype=int)
-    rows = np.asarray(accuracy, dtype=float).reshape(-1, len(counts_array))
-    correct = np.rint(rows / 100.0 * counts_array).astype(int)
+    rows = np.asarray(accuracy, dtype=float).reshape(-1, len(counts_array))  # None -> NaN
+    evaluated = ~np.isnan(rows)
+    correct = np.rint(np.where(evaluated, rows, 0.0) / 100.0 * counts_array).astype(int)
     matrix = 100.0 * correct / counts_array
+
+    def entry(value: Any, t: int, i: int) -> Any:
+        return value if evaluated[t, i] else None
+
     records = [
         ExperienceRecord(
             experience=t,
-            accuracy=[float(a) for a in matrix[t]],
-            correct=[int(c) for c in correct[t]],
-            counts=[int(n) for n in counts_array],
+            accuracy=[entry(float(a), t, i) for i, a in enumerate(matrix[t])],
+            correct=[entry(int(c), t, i) for i, c in enumerate(correct[t])],
+            counts=[entry(int(n), t, i) for i, n in enumerate(counts_array)],
             train_seconds=seconds_per_task,
             eval_seconds=seconds_per_task / 10,
             peak_memory_mb=100.0,

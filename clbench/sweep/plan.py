@@ -29,7 +29,10 @@ from clbench.sweep.grid import Grid, Sweep, SweepError
 # before keeps its folders.
 VOLATILE_CONFIG_KEYS = ("device", "clbench_version")
 SCENARIO_SPEC_KEYS = ("scenario_family", "scenario_protocol", "metrics")
-NOT_IDENTITY = (*VOLATILE_CONFIG_KEYS, *SCENARIO_SPEC_KEYS)
+# Which test experiences are evaluated ("seen" / "all", added later too): every metric is
+# the same either way, only the unseen entries are null or 0.
+EVALUATION_KEYS = ("evaluate",)
+NOT_IDENTITY = (*VOLATILE_CONFIG_KEYS, *SCENARIO_SPEC_KEYS, *EVALUATION_KEYS)
 
 Overrides = dict[str, dict[str, str]]  # group (strategy / scenario / backbone) -> KEY -> VALUE
 
