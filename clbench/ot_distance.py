@@ -32,8 +32,11 @@ EMD_MAX_ITERATIONS = 10_000_000
 def squared_euclidean_costs(x: Tensor, partners: Tensor) -> Tensor:
     """Cost matrices ||x_i - y_j||^2 of one sample set [n, D] against P sets [P, m, D]."""
     x, partners = x.double(), partners.double()
-    costs = (x.pow(2).sum(-1)[None, :, None] + partners.pow(2).sum(-1)[:, None, :]
-             - 2.0 * torch.einsum("nd,pmd->pnm", x, partners))
+    costs = (
+        x.pow(2).sum(-1)[None, :, None]
+        + partners.pow(2).sum(-1)[:, None, :]
+        - 2.0 * torch.einsum("nd,pmd->pnm", x, partners)
+    )
     return costs.clamp_min_(0.0)  # rounding can make identical points slightly negative
 
 
@@ -63,8 +66,13 @@ def sinkhorn_emd(costs: Tensor, regularisation: float, max_iterations: int = 100
     except ImportError as error:  # ot.batch arrived in POT 0.9.6
         raise UsageError(f"ot_solver=sinkhorn needs POT >= 0.9.6 (ot.batch): {error}") from None
     scale = costs.mean().clamp_min(torch.finfo(costs.dtype).tiny)
-    result = solve_batch(costs / scale, reg=regularisation, method="log_sinkhorn",
-                         max_iter=max_iterations, grad="detach")
+    result = solve_batch(
+        costs / scale,
+        reg=regularisation,
+        method="log_sinkhorn",
+        max_iter=max_iterations,
+        grad="detach",
+    )
     return (result.value_linear * scale).double().cpu()
 
 
@@ -75,8 +83,9 @@ class ClassDistances:
     solver="sinkhorn": entropic, all pairs of a new class in one batched solve (any device).
     """
 
-    def __init__(self, solver: Literal["emd", "sinkhorn"] = "emd", *,
-                 sinkhorn_regularisation: float = 0.05) -> None:
+    def __init__(
+        self, solver: Literal["emd", "sinkhorn"] = "emd", *, sinkhorn_regularisation: float = 0.05
+    ) -> None:
         if solver not in ("emd", "sinkhorn"):
             raise UsageError(f"unknown OT solver {solver!r}; valid choices: emd, sinkhorn")
         self.solver = solver
@@ -99,7 +108,9 @@ class ClassDistances:
             return 0
         sizes = {tuple(s.shape) for s in samples.values()}
         if len(sizes) != 1 or len(next(iter(sizes))) != 2:
-            raise ValueError(f"OT samples must be [n, D] with the same n for every class; got {sizes}")
+            raise ValueError(
+                f"OT samples must be [n, D] with the same n for every class; got {sizes}"
+            )
         missing = [c for c in self.classes if c not in samples]
         if missing:
             raise ValueError(f"samples of the known classes {missing} are needed as partners")
@@ -147,8 +158,13 @@ class ClassDistances:
             raise KeyError(f"no OT distances for class {label}; known: {self.classes}") from None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"solver": self.solver, "classes": list(self.classes), "matrix": self.matrix.clone(),
-                "pairs_computed": self.pairs_computed, "seconds": self.seconds}
+        return {
+            "solver": self.solver,
+            "classes": list(self.classes),
+            "matrix": self.matrix.clone(),
+            "pairs_computed": self.pairs_computed,
+            "seconds": self.seconds,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.classes = list(state["classes"])

@@ -11,6 +11,8 @@ token ids and for float pixels alike; a collision needs two different inputs to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -82,7 +84,9 @@ class QueryCache:
         keep = ~torch.isin(self.keys, keys.to(self.keys.device))
         self.keys, self.values = self.keys[keep], self.values[keep]
 
-    def get_or_compute(self, x: Tensor, compute, *, insert: bool = True) -> Tensor:
+    def get_or_compute(
+        self, x: Tensor, compute: Callable[[Tensor], Tensor], *, insert: bool = True
+    ) -> Tensor:
         """Features of ``x``: cached rows looked up, the others computed (and cached)."""
         keys = self.fingerprint(x)
         if keys is None:
@@ -91,9 +95,12 @@ class QueryCache:
         hits = int(found.sum())  # one host sync per batch: the shapes below depend on it
         self.hits += hits
         self.misses += len(keys) - hits
-        if hits == len(keys):
-            return self.values[position]
-        cached = self.values[position[found]] if hits else None  # before inserts reorder
+        values = self.values  # not None once anything was found
+        if hits == len(keys) and values is not None:
+            return values[position]
+        cached = (
+            values[position[found]] if hits and values is not None else None
+        )  # before inserts reorder
         missing = ~found
         fresh = compute(x[missing])
         if insert:
@@ -110,5 +117,7 @@ class QueryCache:
         return {"keys": self.keys.cpu(), "values": values}
 
     def load_state_dict(self, state: dict[str, Tensor | None], device: torch.device | str) -> None:
-        self.keys = state["keys"].to(device)
-        self.values = None if state["values"] is None else state["values"].to(device)
+        keys, values = state["keys"], state["values"]
+        assert keys is not None, "a query-cache state always has keys"
+        self.keys = keys.to(device)
+        self.values = None if values is None else values.to(device)

@@ -2,74 +2,119 @@
 
 A method author writes one class::
 
-    @STRATEGIES.register("my-method", "one line for `clbench list`")
+    @STRATEGIES.register("my-method", "one line for `clbench list`")   # sets cls.name
     class MyMethod(CLStrategy):
         Config = MyConfig                      # typed hyper-parameters (paper symbols in help)
         presets = {"quick": {...}}             # named settings, e.g. per scenario
 
         def setup(self, model): ...            # add trainable modules to `model`
-        def train_logits(self, x): ...         # logits while training (+ self.auxiliary_loss)
-        def predict(self, x): ...              # logits over all classes at test time
-        def training_loss(self, logits, y): ...    # optional; default CE + auxiliary loss
+        def train_logits(self, x): ...         # logits, or TrainOutput(logits, aux_loss, features)
+        def predict(self, x): ...              # logits, or Prediction(logits, tasks, features)
+        def training_loss(self, output, y): ...    # optional; default CE + output.aux_loss
         def begin_task(self, task, classes): ...   # optional
         def end_task(self, task, classes): ...     # optional
 
 and it works in a plain Avalanche script (``strategy.train(exp)``, ``strategy.eval(stream)``,
 plugins, loggers) as well as under ``clbench run``.
+
+**Construction order.** ``CLStrategy.__init__`` resolves the config for the device, builds
+the Avalanche template around a :class:`StrategyModel` holding the frozen encoder, then
+calls ``setup(model)``: ``self.device``, ``self.model``, ``self.config``,
+``self.num_classes``, ``self.class_names``, ``self.seen_classes`` and ``self.num_tasks``
+exist by then, and the model (with what ``setup`` added) is moved to the device right
+after. ``num_tasks`` is the scenario's number of tasks (``clbench run`` passes it). A
+method with per-task slots (prompts, pools, components; see :meth:`CLStrategy.task_slots`)
+builds ``num_task_slots()`` of them: the option's value, or one per task when the option
+is 0. If such a method is built without ``num_tasks`` and its option is 0, ``setup`` waits
+for the first experience, whose stream gives the count. An explicit slot count is checked
+against the number of tasks once, before anything trains.
+
+**What the base does for every method.** Training: ``forward`` calls ``train_logits`` under
+the strategy's autocast and ``criterion`` calls ``training_loss`` with its output (the
+output of the current batch is ``self.train_output``, the one slot between the two).
+Prediction: ``forward`` calls ``predict``, masks the classes not seen yet and, for a method
+that infers each input's task (``infers_task``), scores the tasks ``predict`` returned;
+``classify(x)`` gives the same logits outside Avalanche's loops. After ``end_task`` nothing
+else happens: the run loop evaluates.
+
+The template's own attributes (``mbatch``, ``mb_x``, ``clock``, ``loss``, ``plugins``,
+``experience``, ``optimizer``, ``model``, ``device``, ...) share the namespace with a
+method's: name a method's state after what it is (``task_prefixes``), not ``loss`` or
+``model``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import sys
-import time
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from avalanche.core import SupervisedPlugin
-from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.templates import SupervisedTemplate
 from torch import Tensor, nn
 
-from clbench.config import Options, option
 from clbench.encoders.base import PromptableEncoder
 from clbench.errors import UsageError
 from clbench.query_cache import QueryCache
+from clbench.training import (
+    EpochProgress,
+    StrategyConfig,
+    make_scheduler,
+    quiet_evaluator,
+    resolve_num_workers,
+    resolve_precision,
+)
+
+__all__ = [
+    "CLStrategy",
+    "EpochProgress",
+    "Prediction",
+    "StrategyConfig",
+    "StrategyModel",
+    "TaskSlots",
+    "TrainOutput",
+]
 
 
 @dataclass
-class StrategyConfig(Options):
-    """Training settings every strategy has."""
+class TrainOutput:
+    """What ``train_logits`` returns (a plain logits tensor means only ``logits``).
 
-    epochs: int = option(5, "training epochs per experience")
-    batch_size: int = option(32, "training mini-batch size")
-    eval_batch_size: int = option(128, "evaluation mini-batch size")
-    lr: float = option(1e-3, "learning rate of the trainable modules", symbol="eta")
-    optimizer: Literal["adam", "sgd"] = option("adam", "optimizer of the trainable modules")
-    weight_decay: float = option(0.0, "weight decay")
-    grad_clip: float = option(0.0, "clip the gradient norm to this value (0: off)")
-    lr_schedule: Literal["constant", "cosine", "step"] = option(
-        "constant", "learning-rate schedule over each experience's epochs (stepped per epoch)"
-    )
-    lr_step_epoch: int = option(0, "with lr_schedule=step: multiply the lr by 0.1 after this epoch")
-    num_workers: int = option(
-        -1, "data-loader worker processes (-1: auto = min(8, CPU cores - 1) on a GPU, 0 on a CPU)"
-    )
-    cache_queries: bool = option(
-        True, "compute each input's un-prompted query feature once and reuse it"
-    )
-    cache_train_queries: bool = option(
-        False, "also cache training images' queries, so later epochs skip the query pass: "
-        "exact, and worth it, only when the training stream is not augmented (a scenario's "
-        "augment=false); text queries are always cached"
-    )
-    precision: Literal["auto", "fp32", "bf16"] = option(
-        "auto", "forward passes in fp32 or under bf16 autocast (auto: bf16 on a GPU that has it)"
-    )
+    logits: [B, num_classes]. aux_loss: added to the training loss by the default
+    ``training_loss`` (a prompt module's pull term, a regulariser). features: what a
+    subclass's ``training_loss`` needs besides the logits (e.g. the prompted features).
+    """
+
+    logits: Tensor
+    aux_loss: Tensor | None = None
+    features: Tensor | None = None
+
+
+@dataclass
+class Prediction:
+    """What ``predict`` returns (a plain logits tensor means only ``logits``).
+
+    logits: [B, num_classes], unseen classes need not be masked (the base does it).
+    tasks: [B] the task a method inferred for each input (required when ``infers_task``;
+    the base scores them against the true classes' tasks during evaluation). features:
+    for a subclass's test-time step (e.g. a rescaling that reads the prompted features).
+    """
+
+    logits: Tensor
+    tasks: Tensor | None = None
+    features: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TaskSlots:
+    """A method's per-task slots: ``count`` of them from the option ``option`` (0 = one per
+    task of the scenario); ``what`` names them in messages ("prompt slots")."""
+
+    option: str
+    count: int
+    what: str
 
 
 class StrategyModel(nn.Module):
@@ -83,105 +128,15 @@ class StrategyModel(nn.Module):
         raise RuntimeError("call the strategy's train_logits / predict instead")
 
 
-def quiet_evaluator() -> EvaluationPlugin:
-    """No Avalanche metrics or loggers: clbench's run loop measures what it reports."""
-    import warnings
-
-    with warnings.catch_warnings():  # "no loggers" is exactly what we ask for
-        warnings.simplefilter("ignore", UserWarning)
-        return EvaluationPlugin(loggers=[])
-
-
-class EpochProgress(SupervisedPlugin):
-    """One line per training epoch: experience, epoch, mean loss, train accuracy, seconds."""
-
-    def __init__(self, stream: Any = None) -> None:
-        super().__init__()
-        self.stream = stream or sys.stderr
-
-    def before_training_epoch(self, strategy: CLStrategy, *args: Any, **kwargs: Any) -> None:
-        self._start = time.perf_counter()
-        self._loss = torch.zeros((), device=strategy.device)
-        self._correct = torch.zeros((), device=strategy.device)
-        self._seen = 0
-
-    def after_training_iteration(self, strategy: CLStrategy, *args: Any, **kwargs: Any) -> None:
-        # accumulated on the device: no host round trip per iteration
-        size = strategy.mb_y.shape[0]
-        self._loss += strategy.loss.detach().sum() * size
-        logits = strategy.mb_output
-        if getattr(strategy.config, "mask_train_logits", False):  # accuracy as the loss sees it
-            logits = strategy.mask_to(logits, strategy.current_class_mask)
-        self._correct += (logits.argmax(1) == strategy.mb_y).sum()
-        self._seen += size
-
-    def after_training_epoch(self, strategy: CLStrategy, *args: Any, **kwargs: Any) -> None:
-        seen = max(self._seen, 1)
-        print(
-            f"  experience {strategy.current_task} epoch {strategy.clock.train_exp_epochs + 1}"
-            f"/{strategy.train_epochs}: loss {self._loss.item() / seen:.4f}, "
-            f"train acc {100 * self._correct.item() / seen:.1f}%, "
-            f"{time.perf_counter() - self._start:.1f}s",
-            file=self.stream, flush=True,
-        )
-
-
-def resolve_num_workers(num_workers: int, device: torch.device) -> int:
-    """Loader workers for ``num_workers`` (-1 = auto) on ``device``.
-
-    On a GPU the model outruns a single loading process (decoding, resizing, augmenting
-    224-px images), so auto uses workers; on a CPU they would compete with the model
-    for the same cores, so auto uses none.
-    """
-    if num_workers >= 0:
-        return num_workers
-    if num_workers != -1:
-        raise UsageError(f"num_workers must be >= 0, or -1 for auto; got {num_workers}")
-    if device.type != "cuda":
-        return 0
-    return max(1, min(8, (os.cpu_count() or 2) - 1))
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``precision`` on ``device``; None for plain fp32.
-
-    bf16 keeps fp32's exponent range, so no loss scaling is needed, and autocast keeps
-    softmax, layer norm and the losses in fp32. auto means bf16 only on a GPU that has
-    fast bf16 (on a CPU it is usually slower than fp32 and changes results for nothing).
-    """
-    if precision == "fp32":
-        return None
-    has_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if precision == "auto":
-        return torch.bfloat16 if has_bf16 else None
-    if precision == "bf16":
-        if device.type == "cuda" and not has_bf16:
-            raise UsageError("precision=bf16: this GPU has no bf16 support; use fp32")
-        return torch.bfloat16
-    raise UsageError(f"unknown precision {precision!r}; valid choices: auto, fp32, bf16")
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, config: StrategyConfig) -> Any:
-    """The per-epoch learning-rate schedule of ``config`` (None for a constant rate)."""
-    if config.lr_schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(config.epochs, 1))
-    if config.lr_schedule == "step":
-        if config.lr_step_epoch <= 0:
-            raise UsageError("lr_schedule=step needs lr_step_epoch > 0")
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=config.lr_step_epoch, gamma=0.1)
-    return None
-
-
 class CLStrategy(SupervisedTemplate):
     """Base of every clbench strategy. See the module docstring for the hooks."""
 
-    name: ClassVar[str] = ""
-    description: ClassVar[str] = ""
+    name: ClassVar[str] = ""  # set by the registry's decorator
     Config: ClassVar[type[StrategyConfig]] = StrategyConfig
     # named presets: field -> value, e.g. {"quick": {"epochs": 1}, "fewrel-offline": {...}}
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
-    # True for a method that infers each test input's task (its predict calls
-    # score_task_identity): evaluation_summary then reports task-identity accuracy
+    # True for a method that infers each test input's task: its predict returns
+    # Prediction(tasks=...), and evaluation_summary reports task-identity accuracy
     infers_task: ClassVar[bool] = False
 
     def __init__(
@@ -194,6 +149,7 @@ class CLStrategy(SupervisedTemplate):
         plugins: list[Any] | None = None,
         evaluator: Any = quiet_evaluator,
         class_names: list[str] | None = None,
+        num_tasks: int | None = None,
     ) -> None:
         config = config if config is not None else self.Config()
         if not isinstance(config, self.Config):
@@ -206,25 +162,27 @@ class CLStrategy(SupervisedTemplate):
         self.num_classes = num_classes
         # the scenario's class names (the run loop passes them; e.g. a label taxonomy file
         # names classes); by default the class ids as text
-        self.class_names = list(class_names) if class_names is not None else [
-            str(c) for c in range(num_classes)]
+        self.class_names = (
+            list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
+        )
         if len(self.class_names) != num_classes:
             raise UsageError(f"{len(self.class_names)} class names for {num_classes} classes")
+        if num_tasks is not None and num_tasks < 1:
+            raise UsageError(f"num_tasks must be at least 1, got {num_tasks}")
+        self.num_tasks = num_tasks
         self.current_task = -1
         self.current_classes: list[int] = []
         self.task_classes: list[list[int]] = []
-        # task-identity hits / counts per test experience (see score_task_identity)
+        # task-identity hits / counts per test experience (see _score_task_identity)
         self._identity_hits: dict[int, Tensor] = {}
         self._identity_counts: dict[int, int] = {}
-        self.auxiliary_loss: Tensor | None = None
+        self.train_output: TrainOutput | None = None  # of the current training batch
         self.scheduler: Any = None
         self.query_cache = QueryCache()
-        model = StrategyModel(encoder)
-        self.setup(model)
         # Avalanche wants an optimizer now; the real one is built per experience.
         placeholder = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.0)
         super().__init__(
-            model=model,
+            model=StrategyModel(encoder),
             optimizer=placeholder,
             criterion=nn.CrossEntropyLoss(),
             train_mb_size=self.config.batch_size,
@@ -234,12 +192,23 @@ class CLStrategy(SupervisedTemplate):
             plugins=plugins,
             evaluator=evaluator,
         )
-        self.model.to(self.device)
         self.seen_classes = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
+        self.is_set_up = False
+        slots = self.task_slots()
+        if num_tasks is not None:
+            self._check_task_count(num_tasks)
+        if num_tasks is not None or slots is None or slots.count > 0:
+            self._set_up()  # else the first experience tells how many slots to build
 
     # -- hooks for method authors ------------------------------------------------------
+    def task_slots(self) -> TaskSlots | None:
+        """The per-task slots the config asks for (None: the method has none). Read when
+        the config is resolved, before ``setup``."""
+        return None
+
     def setup(self, model: StrategyModel) -> None:
-        """Add the trainable modules (prompts, heads) to ``model``."""
+        """Add the trainable modules (prompts, heads) to ``model`` (see the module
+        docstring for what exists when this runs)."""
 
     def begin_task(self, task: int, classes: list[int]) -> None:
         """Called before training on experience ``task`` (after the class bookkeeping)."""
@@ -247,21 +216,23 @@ class CLStrategy(SupervisedTemplate):
     def end_task(self, task: int, classes: list[int]) -> None:
         """Called after training on experience ``task``."""
 
-    def train_logits(self, x: Tensor) -> Tensor:
-        """Logits over all classes for a training batch; may set ``self.auxiliary_loss``."""
+    def train_logits(self, x: Tensor) -> Tensor | TrainOutput:
+        """Logits over all classes for a training batch, or a :class:`TrainOutput`."""
         raise NotImplementedError
 
-    def predict(self, x: Tensor) -> Tensor:
-        """Logits over all classes for a test batch (unseen classes are masked out)."""
+    def predict(self, x: Tensor) -> Tensor | Prediction:
+        """Logits over all classes for a test batch, or a :class:`Prediction` (with the
+        inferred tasks for a method that ``infers_task``). The base masks unseen classes."""
         raise NotImplementedError
 
-    def training_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def training_loss(self, output: TrainOutput, targets: Tensor) -> Tensor:
         """Cross-entropy (over the current classes when ``mask_train_logits``) + aux loss."""
-        if getattr(self.config, "mask_train_logits", False):
+        logits = output.logits
+        if self.config.mask_train_logits:
             logits = self.mask_to(logits, self.current_class_mask)
         loss = F.cross_entropy(logits, targets)
-        if self.auxiliary_loss is not None:
-            loss = loss + self.auxiliary_loss
+        if output.aux_loss is not None:
+            loss = loss + output.aux_loss
         return loss
 
     def trainable_parameters(self) -> list[dict[str, Any]]:
@@ -271,8 +242,8 @@ class CLStrategy(SupervisedTemplate):
     def evaluation_summary(self) -> dict[str, Any]:
         """Diagnostics gathered during the last evaluation; the run loop stores them with
         the experience's record. By default, for a method that infers the task
-        (``infers_task``), the task-identity accuracy (%) per test experience that
-        ``score_task_identity`` scored (None for unseen ones)."""
+        (``infers_task``), the task-identity accuracy (%) per test experience (None for
+        unseen ones)."""
         if not self.infers_task:
             return {}
         learned = len(self.task_classes)
@@ -291,6 +262,16 @@ class CLStrategy(SupervisedTemplate):
         pass
 
     # -- helpers ----------------------------------------------------------------------
+    def num_task_slots(self) -> int:
+        """How many per-task slots ``setup`` builds: the option's value, or (0) one per
+        task of the scenario."""
+        slots = self.task_slots()
+        if slots is not None and slots.count > 0:
+            return slots.count
+        if self.num_tasks is None:
+            raise RuntimeError("the number of tasks is not known yet (pass num_tasks=)")
+        return self.num_tasks
+
     def query(self, x: Tensor) -> Tensor:
         """The frozen encoder's un-prompted feature of ``x``, from the cache when seen before.
 
@@ -301,11 +282,21 @@ class CLStrategy(SupervisedTemplate):
         """
         if not self.config.cache_queries:
             return self.encoder.query(x)
-        insert = (not self.is_training or self.encoder.modality == "text"
-                  or self.config.cache_train_queries)
+        insert = (
+            not self.is_training
+            or self.encoder.modality == "text"
+            or self.config.cache_train_queries
+        )
         return self.query_cache.get_or_compute(x, self.encoder.query, insert=insert)
 
-    def autocast(self) -> contextlib.AbstractContextManager:
+    def classify(self, x: Tensor) -> Tensor:
+        """Logits over all classes for ``x`` as evaluation computes them: ``predict`` under
+        the strategy's autocast, unseen classes masked, in fp32."""
+        with self.autocast():
+            logits = self._prediction(x).logits
+        return logits.float()
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """bf16 autocast on the strategy's device when ``precision`` asks for it, else a
         no-op; ``forward`` runs in it, and end-of-task feature passes may use it too."""
         if self.amp_dtype is None:
@@ -324,23 +315,10 @@ class CLStrategy(SupervisedTemplate):
             lookup[classes] = task
         return lookup
 
-    def scenario_tasks(self, task: int) -> int:
-        """How many tasks the training stream has (at least ``task + 1``), so that a method
-        with a fixed number of per-task slots can fail on the first task, not hours later."""
-        stream = getattr(self.experience, "origin_stream", None)
-        return max(task + 1, len(stream) if stream is not None else 0)
-
-    def score_task_identity(self, x: Tensor, tasks: Tensor, lookup: Tensor | None = None) -> None:
-        """During Avalanche's evaluation loop, count how often ``tasks`` [B] (the task a
-        method inferred for each input of ``x``) is the task of the true class.
-        ``lookup``: ``class_to_task()`` when the caller has it already."""
-        if self.is_training or self.mbatch is None or self.mbatch[0] is not x:
-            return
-        lookup = self.class_to_task() if lookup is None else lookup
-        index = int(self.experience.current_experience)
-        hits = (tasks == lookup[self.mb_y]).sum()  # stays on the device
-        self._identity_hits[index] = self._identity_hits.get(index, 0) + hits
-        self._identity_counts[index] = self._identity_counts.get(index, 0) + len(tasks)
+    def task_of_best_class(self, class_logits: Tensor) -> Tensor:
+        """[B] the task that brought the seen class with the highest logit: task-identity
+        inference by a head over classes (HiDe's TII head, WAVE-CRE's task predictor)."""
+        return self.class_to_task()[self.mask_unseen(class_logits).argmax(1)]
 
     @property
     def current_class_mask(self) -> Tensor:
@@ -356,10 +334,51 @@ class CLStrategy(SupervisedTemplate):
     def mask_unseen(self, logits: Tensor) -> Tensor:
         return self.mask_to(logits, self.seen_classes)
 
+    # -- the base's own steps ---------------------------------------------------------
+    def _set_up(self) -> None:
+        self.setup(self.model)
+        self.model.to(self.device)
+        self.is_set_up = True
+
+    def _check_task_count(self, num_tasks: int) -> None:
+        """An explicit slot count must cover the scenario's tasks: fail before training."""
+        slots = self.task_slots()
+        if slots is not None and 0 < slots.count < num_tasks:
+            raise UsageError(
+                f"{self.name} has {slots.count} {slots.what} ({slots.option}={slots.count}) "
+                f"but the scenario has {num_tasks} tasks: use --set {slots.option}={num_tasks}, "
+                f"or {slots.option}=0 for one per task"
+            )
+
+    def _stream_length(self, task: int) -> int:
+        """How many tasks the training stream has (at least ``task + 1``)."""
+        stream = getattr(self.experience, "origin_stream", None)
+        return max(task + 1, len(stream) if stream is not None else 0)
+
+    def _prediction(self, x: Tensor) -> Prediction:
+        prediction = self.predict(x)
+        if isinstance(prediction, Tensor):
+            prediction = Prediction(prediction)
+        prediction.logits = self.mask_unseen(prediction.logits)
+        return prediction
+
+    def _score_task_identity(self, tasks: Tensor) -> None:
+        """Count how often ``tasks`` [B], the tasks inferred for the current evaluation
+        batch, are the tasks of its true classes (per test experience, on the device)."""
+        index = int(self.experience.current_experience)
+        hits = (tasks == self.class_to_task()[self.mb_y]).sum()
+        self._identity_hits[index] = self._identity_hits.get(index, 0) + hits
+        self._identity_counts[index] = self._identity_counts.get(index, 0) + len(tasks)
+
     # -- Avalanche plumbing -----------------------------------------------------------
     def _before_training_exp(self, **kwargs: Any) -> None:
         classes = sorted(int(c) for c in self.experience.classes_in_this_experience)
         self.current_task = int(self.experience.current_experience)
+        if self.num_tasks is None:  # a plain Avalanche script: the stream tells
+            self.num_tasks = self._stream_length(self.current_task)
+            self._check_task_count(self.num_tasks)
+        if not self.is_set_up:
+            self._set_up()
         self.current_classes = classes
         if self.current_task == len(self.task_classes):
             self.task_classes.append(classes)
@@ -375,15 +394,17 @@ class CLStrategy(SupervisedTemplate):
         groups = [g for g in self.trainable_parameters() if g["params"]]
         if not groups:
             raise RuntimeError(f"{self.name}: nothing to train in experience {self.current_task}")
+        optimizer: torch.optim.Optimizer
         if self.config.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(
+            optimizer = torch.optim.Adam(
                 groups, lr=self.config.lr, weight_decay=self.config.weight_decay
             )
         else:
-            self.optimizer = torch.optim.SGD(
+            optimizer = torch.optim.SGD(
                 groups, lr=self.config.lr, momentum=0.9, weight_decay=self.config.weight_decay
             )
-        self.optimized_param_id = {}
+        self.optimizer = optimizer
+        self.optimized_param_id: dict[Any, Any] = {}  # Avalanche's: no parameter to carry over
         self.scheduler = make_scheduler(self.optimizer, self.config)
 
     def _after_training_epoch(self, **kwargs: Any) -> None:
@@ -392,19 +413,29 @@ class CLStrategy(SupervisedTemplate):
             self.scheduler.step()
 
     def forward(self) -> Tensor:
-        with self.autocast():
-            if self.is_training:
-                self.auxiliary_loss = None
-                logits = self.train_logits(self.mb_x)
-            else:
-                logits = self.predict(self.mb_x)
         # losses and argmax in fp32 (a no-op without autocast); backward runs outside
         # autocast, as torch recommends
-        return logits.float()
+        with self.autocast():
+            if not self.is_training:
+                prediction = self._prediction(self.mb_x)
+                if self.infers_task:
+                    if prediction.tasks is None:
+                        raise RuntimeError(
+                            f"{self.name} infers tasks (infers_task) but its predict returned "
+                            "no tasks: return Prediction(logits, tasks=...)"
+                        )
+                    self._score_task_identity(prediction.tasks)
+                return prediction.logits.float()
+            output = self.train_logits(self.mb_x)
+        output = output if isinstance(output, TrainOutput) else TrainOutput(output)
+        output.logits = output.logits.float()  # what training_loss sees
+        self.train_output = output
+        return output.logits
 
     def criterion(self) -> Tensor:
         if self.is_training:
-            return self.training_loss(self.mb_output, self.mb_y)
+            assert self.train_output is not None
+            return self.training_loss(self.train_output, self.mb_y)
         return F.cross_entropy(self.mb_output, self.mb_y)
 
     def optimizer_step(self) -> None:
@@ -435,12 +466,17 @@ class CLStrategy(SupervisedTemplate):
             for key, value in self.model.state_dict().items()
             if not key.startswith("encoder.")
         }
+        requires_grad = {
+            n: p.requires_grad
+            for n, p in self.model.named_parameters()
+            if not n.startswith("encoder.")
+        }
         return {
             "strategy": self.name,
             "config": self.config.to_dict(),
+            "num_tasks": self.num_tasks,
             "model": model_state,
-            "requires_grad": {n: p.requires_grad for n, p in self.model.named_parameters()
-                              if not n.startswith("encoder.")},
+            "requires_grad": requires_grad,
             "task_classes": self.task_classes,
             "seen_classes": self.seen_classes.cpu(),
             "current_task": self.current_task,
@@ -449,6 +485,15 @@ class CLStrategy(SupervisedTemplate):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.num_tasks is None:  # checkpoints before num_tasks was stored have None here
+            self.num_tasks = state.get("num_tasks")
+        if not self.is_set_up:
+            if self.num_tasks is None:
+                raise RuntimeError(
+                    f"{self.name}: the checkpoint does not say how many tasks "
+                    "the slots were built for: pass num_tasks="
+                )
+            self._set_up()
         missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
         missing = [k for k in missing if not k.startswith("encoder.")]
         if missing or unexpected:

@@ -105,6 +105,7 @@ def data_plugin(timer: PhaseTimer) -> Any:
 
 
 def instrument(strategy: CLStrategy, timer: PhaseTimer) -> None:
+    import clbench.consolidation.gaussian as gaussian
     import clbench.strategies.hide_prompt as hide_prompt
 
     wrap = timer.wrap
@@ -118,11 +119,11 @@ def instrument(strategy: CLStrategy, timer: PhaseTimer) -> None:
     wrap(strategy, "backward", "backward")
     wrap(strategy, "optimizer_step", "optimizer")
     wrap(strategy, "end_task", "end of task")
-    wrap(hide_prompt, "extract_features", "feature extraction")
-    wrap(strategy.query_statistics, "update", "statistics")
-    wrap(strategy.prompted_statistics, "update", "statistics")
-    wrap(strategy, "train_task_identity", "task-identity training")
-    wrap(hide_prompt, "train_on_samples", "sample replay (TII alignment, TAP)")
+    wrap(gaussian, "extract_features", "feature extraction")
+    wrap(strategy.consolidation.query_statistics, "update", "statistics")
+    wrap(strategy.consolidation.prompted_statistics, "update", "statistics")
+    wrap(hide_prompt, "train_on_features", "task-identity training")
+    wrap(gaussian, "train_on_samples", "sample replay (TII alignment, TAP)")
 
 
 def report(timer: PhaseTimer, items: int) -> str:

@@ -21,10 +21,10 @@ from avalanche.benchmarks.utils import as_classification_dataset
 from torch import Tensor, nn
 
 from clbench.config import option
+from clbench.consolidation import extract_features
 from clbench.registry import STRATEGIES
 from clbench.scenario import TensorClassificationDataset
-from clbench.statistics import extract_features
-from clbench.strategy import CLStrategy, StrategyConfig, StrategyModel
+from clbench.strategy import CLStrategy, StrategyConfig, StrategyModel, TrainOutput
 
 
 @dataclass
@@ -46,8 +46,10 @@ class _LinearProbe(CLStrategy):
     def experience_features(self) -> TensorClassificationDataset:
         """The frozen features and labels of the current experience's training items."""
         features, labels = extract_features(
-            self.query, self.experience.dataset.eval(),
-            batch_size=self.config.eval_batch_size, device=self.device,
+            self.query,
+            self.experience.dataset.eval(),
+            batch_size=self.config.eval_batch_size,
+            device=self.device,
             num_workers=self.config.num_workers,
         )
         return TensorClassificationDataset(features, labels)
@@ -63,17 +65,21 @@ class _LinearProbe(CLStrategy):
         return self.model.head(x)  # training batches are features already
 
     def predict(self, x: Tensor) -> Tensor:
-        return self.mask_unseen(self.model.head(self.query(x)))
+        return self.model.head(self.query(x))
 
 
-@STRATEGIES.register("seq-ft", "lower bound: a linear classifier on frozen features, trained task after task")
+@STRATEGIES.register(
+    "seq-ft", "lower bound: a linear classifier on frozen features, trained task after task"
+)
 class SequentialFineTuning(_LinearProbe):
-    name = "seq-ft"
+    """The lower bound: nothing against forgetting."""
 
 
-@STRATEGIES.register("joint", "upper bound: a linear classifier on frozen features, trained on all data seen so far")
+@STRATEGIES.register(
+    "joint", "upper bound: a linear classifier on frozen features, trained on all data seen so far"
+)
 class Joint(_LinearProbe):
-    name = "joint"
+    """The upper bound: trains on the features of every experience seen so far."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -87,9 +93,9 @@ class Joint(_LinearProbe):
             torch.cat([p.inputs for p in parts]), torch.cat([p.labels for p in parts])
         )
 
-    def training_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+    def training_loss(self, output: TrainOutput, targets: Tensor) -> Tensor:
         # cross-entropy over every class seen so far: the joint model knows them all
-        return nn.functional.cross_entropy(self.mask_unseen(logits), targets)
+        return nn.functional.cross_entropy(self.mask_unseen(output.logits), targets)
 
     def extra_state(self) -> dict[str, Any]:
         return {"seen_features": [(p.inputs, p.labels) for p in self._seen_features]}

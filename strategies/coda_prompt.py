@@ -32,14 +32,17 @@ from clbench.config import option
 from clbench.errors import UsageError
 from clbench.prompts import ComponentPrompt, require_layers
 from clbench.registry import STRATEGIES
-from clbench.strategy import CLStrategy, StrategyConfig, StrategyModel
+from clbench.strategy import CLStrategy, StrategyConfig, StrategyModel, TaskSlots, TrainOutput
 
 
 @dataclass
 class CodaPromptConfig(StrategyConfig):
     pool_size: int = option(100, "prompt components per layer, in total", symbol="M")
     num_tasks: int = option(
-        10, "tasks the components are split over: M/T new ones per task (>= tasks)", symbol="T"
+        0,
+        "tasks the components are split over: M/T new ones per task (0: the scenario's "
+        "number of tasks)",
+        symbol="T",
     )
     prompt_length: int = option(
         8, "component length; first half prefix keys, second half values", symbol="L_p"
@@ -61,56 +64,51 @@ class CodaPromptConfig(StrategyConfig):
     "CODA-Prompt: prefix prompts as attention-weighted sums of per-task orthogonal components",
 )
 class CodaPrompt(CLStrategy):
-    name = "coda-prompt"
     Config = CodaPromptConfig
     presets = {
         # 10 components per task as in the paper; 50 fit the tiny ViT's width of 64
-        "quick": {"epochs": 1, "batch_size": 32, "pool_size": 50, "num_tasks": 5},
-        "digits-offline": {"epochs": 3, "batch_size": 32, "lr": 0.01, "pool_size": 50,
-                           "num_tasks": 5},
+        "quick": {"epochs": 1, "batch_size": 32, "pool_size": 50},
+        "digits-offline": {"epochs": 3, "batch_size": 32, "lr": 0.01, "pool_size": 50},
         # MiniLM-L6 on 2 CPU cores: one epoch per task (~6-8 min a run), so the larger lr of
         # the other prompt methods' CPU presets
-        "fewrel-offline": {"epochs": 1, "batch_size": 32, "lr": 0.01, "pool_size": 40, "num_tasks": 4},
-        "split-cifar100": {"epochs": 20, "batch_size": 128, "lr": 1e-3, "pool_size": 100,
-                           "num_tasks": 10},
-        "imagenet-r": {"epochs": 50, "batch_size": 128, "lr": 1e-3, "pool_size": 100,
-                       "num_tasks": 10},
+        "fewrel-offline": {"epochs": 1, "batch_size": 32, "lr": 0.01, "pool_size": 40},
+        "split-cifar100": {"epochs": 20, "batch_size": 128, "lr": 1e-3, "pool_size": 100},
+        "imagenet-r": {"epochs": 50, "batch_size": 128, "lr": 1e-3, "pool_size": 100},
     }
     config: CodaPromptConfig
+
+    def task_slots(self) -> TaskSlots:
+        return TaskSlots("num_tasks", self.config.num_tasks, "component sets")
 
     def setup(self, model: StrategyModel) -> None:
         c, encoder = self.config, self.encoder
         require_layers(tuple(c.layers), encoder.num_layers, "layers")
         try:
             model.components = ComponentPrompt(
-                c.pool_size, c.num_tasks, c.prompt_length, encoder.embed_dim,
-                encoder.feature_dim, layers=c.layers, ortho_weight=c.ortho_weight,
+                c.pool_size,
+                self.num_task_slots(),
+                c.prompt_length,
+                encoder.embed_dim,
+                encoder.feature_dim,
+                layers=c.layers,
+                ortho_weight=c.ortho_weight,
             )
         except ValueError as error:  # a bad pool setting is the user's to fix
             raise UsageError(f"coda-prompt: {error}") from None
         model.head = nn.Linear(encoder.feature_dim, self.num_classes)
 
     def begin_task(self, task: int, classes: list[int]) -> None:
-        # fail on the first task, not hours later, if the stream outgrows the pool
-        num_tasks = self.scenario_tasks(task)
-        if num_tasks > self.config.num_tasks:
-            raise UsageError(
-                f"coda-prompt splits its components over num_tasks={self.config.num_tasks} "
-                f"tasks but the scenario has {num_tasks}: set num_tasks (and pool_size)"
-            )
         # orthogonal initialisation of task t's components (first visit only); freeze others
         self.model.components.begin_task(task)
 
-    def _logits(self, x: Tensor, train: bool) -> Tensor:
+    def _forward(self, x: Tensor, train: bool) -> TrainOutput:
         query = self.query(x)  # frozen, un-prompted, cached
         selection = self.model.components(query, task=max(self.current_task, 0), train=train)
         output = self.encoder(x, selection.prompt)
-        if train:
-            self.auxiliary_loss = selection.aux_loss
-        return self.model.head(output.pooled)
+        return TrainOutput(self.model.head(output.pooled), selection.aux_loss)
 
-    def train_logits(self, x: Tensor) -> Tensor:
-        return self._logits(x, train=True)
+    def train_logits(self, x: Tensor) -> TrainOutput:
+        return self._forward(x, train=True)
 
     def predict(self, x: Tensor) -> Tensor:
-        return self.mask_unseen(self._logits(x, train=False))
+        return self._forward(x, train=False).logits

@@ -23,10 +23,16 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from clbench.config import option
-from clbench.errors import UsageError
 from clbench.prompts import SharedPrefix, TaskKeyedPrefixPool, merge_prompts, require_layers
 from clbench.registry import STRATEGIES
-from clbench.strategy import CLStrategy, StrategyConfig, StrategyModel
+from clbench.strategy import (
+    CLStrategy,
+    Prediction,
+    StrategyConfig,
+    StrategyModel,
+    TaskSlots,
+    TrainOutput,
+)
 
 
 @dataclass
@@ -39,7 +45,11 @@ class DualPromptConfig(StrategyConfig):
     e_layers: tuple[int, ...] = option(
         (2, 3, 4), "layers with the E-prompts", symbol="start_e..end_e"
     )
-    pool_size: int = option(10, "E-prompt slots, one per task (>= number of tasks)", symbol="M")
+    # 10 as in the paper rather than 0 (one per task): unused slots are never candidates,
+    # and a count that follows the scenario would change every run's random initialisation
+    pool_size: int = option(
+        10, "E-prompt slots, one per task (>= number of tasks; 0: one per task)", symbol="M"
+    )
     pull_weight: float = option(
         1.0, "weight of the query-key matching loss 1 - cos(q, k_t)", symbol="lambda"
     )
@@ -55,7 +65,6 @@ class DualPromptConfig(StrategyConfig):
     "DualPrompt: shared G-prompt + per-task E-prompts with keys (prefix tuning), top-1 key match",
 )
 class DualPrompt(CLStrategy):
-    name = "dualprompt"
     Config = DualPromptConfig
     infers_task = True  # by the top-1 key match (its E-prompt choice)
     presets = {
@@ -68,44 +77,42 @@ class DualPrompt(CLStrategy):
     }
     config: DualPromptConfig
 
+    def task_slots(self) -> TaskSlots:
+        return TaskSlots("pool_size", self.config.pool_size, "E-prompt slots")
+
     def setup(self, model: StrategyModel) -> None:
         c, encoder = self.config, self.encoder
         require_layers(tuple(c.g_layers), encoder.num_layers, "g_layers")
         require_layers(tuple(c.e_layers), encoder.num_layers, "e_layers")
         model.g_prompt = SharedPrefix(c.g_length, encoder.embed_dim, layers=c.g_layers)
         model.e_prompts = TaskKeyedPrefixPool(
-            c.pool_size, c.e_length, encoder.embed_dim, encoder.feature_dim, layers=c.e_layers
+            self.num_task_slots(),
+            c.e_length,
+            encoder.embed_dim,
+            encoder.feature_dim,
+            layers=c.e_layers,
         )
         model.head = nn.Linear(encoder.feature_dim, self.num_classes)
 
     def begin_task(self, task: int, classes: list[int]) -> None:
-        # fail on the first task, not hours later, if the stream outgrows the pool
-        num_tasks = self.scenario_tasks(task)
-        if num_tasks > self.config.pool_size:
-            raise UsageError(
-                f"dualprompt has {self.config.pool_size} E-prompt slots (pool_size) but the "
-                f"scenario has {num_tasks} tasks: use --set pool_size={num_tasks}"
-            )
         # only e_t and k_t train (with g and the classifier); older slots stay as learnt
-        self.model.e_prompts.train_only(task)
+        self.model.e_prompts.begin_task(task)
 
-    def _forward(self, x: Tensor, train: bool) -> tuple[Tensor, Tensor]:
-        """Logits and the index of the E-prompt each input used."""
+    def _forward(self, x: Tensor, train: bool) -> tuple[TrainOutput, Tensor]:
+        """Logits (+ the matching loss) and the index of the E-prompt each input used."""
         query = self.query(x)  # frozen, un-prompted, cached
         task = max(self.current_task, 0)
         expert = self.model.e_prompts(query, task=task, train=train)
         general = self.model.g_prompt(query)
         output = self.encoder(x, merge_prompts(general.prompt, expert.prompt))
-        if train:
-            self.auxiliary_loss = self.config.pull_weight * expert.aux_loss
-        return self.model.head(output.pooled), expert.selected[:, 0]
+        logits = self.model.head(output.pooled)
+        return TrainOutput(logits, self.config.pull_weight * expert.aux_loss), expert.selected[:, 0]
 
-    def train_logits(self, x: Tensor) -> Tensor:
+    def train_logits(self, x: Tensor) -> TrainOutput:
         return self._forward(x, train=True)[0]
 
-    def predict(self, x: Tensor) -> Tensor:
-        logits, chosen = self._forward(x, train=False)
+    def predict(self, x: Tensor) -> Prediction:
+        output, chosen = self._forward(x, train=False)
         # the key match is dualprompt's task identity: how often the top-1 key picks the
         # input's own task's E-prompt (evaluation_summary reports it)
-        self.score_task_identity(x, chosen)
-        return self.mask_unseen(logits)
+        return Prediction(output.logits, tasks=chosen)

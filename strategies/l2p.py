@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from clbench.config import option
 from clbench.prompts import PromptPool
 from clbench.registry import STRATEGIES
-from clbench.strategy import CLStrategy, StrategyConfig, StrategyModel
+from clbench.strategy import CLStrategy, StrategyConfig, StrategyModel, TrainOutput
 
 
 @dataclass
@@ -39,9 +39,10 @@ class L2PConfig(StrategyConfig):
     batch_size: int = option(128, "training mini-batch size")
 
 
-@STRATEGIES.register("l2p", "Learning to Prompt: prompt pool with learnable keys, top-N prompt tokens at the input")
+@STRATEGIES.register(
+    "l2p", "Learning to Prompt: prompt pool with learnable keys, top-N prompt tokens at the input"
+)
 class L2P(CLStrategy):
-    name = "l2p"
     Config = L2PConfig
     presets = {
         "quick": {"epochs": 1, "batch_size": 32},
@@ -55,13 +56,18 @@ class L2P(CLStrategy):
     def setup(self, model: StrategyModel) -> None:
         c, encoder = self.config, self.encoder
         model.prompt_pool = PromptPool(
-            c.pool_size, c.prompt_length, c.top_k, encoder.embed_dim, encoder.feature_dim,
-            mode="tokens", batchwise_selection=c.batchwise_selection,
+            c.pool_size,
+            c.prompt_length,
+            c.top_k,
+            encoder.embed_dim,
+            encoder.feature_dim,
+            mode="tokens",
+            batchwise_selection=c.batchwise_selection,
         )
         head_dim = encoder.embed_dim if c.head_input == "prompt_mean" else encoder.feature_dim
         model.head = nn.Linear(head_dim, self.num_classes)
 
-    def _logits(self, x: Tensor, train: bool) -> Tensor:
+    def _forward(self, x: Tensor, train: bool) -> TrainOutput:
         query = self.query(x)  # the same frozen encoder, no prompt, no grad
         selection = self.model.prompt_pool(query, train=train)
         output = self.encoder(x, selection.prompt)
@@ -69,12 +75,11 @@ class L2P(CLStrategy):
             features = output.prompt_token_states().mean(dim=1)
         else:
             features = output.pooled
-        if train:
-            self.auxiliary_loss = self.config.pull_weight * selection.aux_loss
-        return self.model.head(features)
+        aux_loss = self.config.pull_weight * selection.aux_loss
+        return TrainOutput(self.model.head(features), aux_loss)
 
-    def train_logits(self, x: Tensor) -> Tensor:
-        return self._logits(x, train=True)
+    def train_logits(self, x: Tensor) -> TrainOutput:
+        return self._forward(x, train=True)
 
     def predict(self, x: Tensor) -> Tensor:
-        return self.mask_unseen(self._logits(x, train=False))
+        return self._forward(x, train=False).logits

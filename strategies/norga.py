@@ -16,7 +16,6 @@ from typing import Literal
 from clbench.config import option
 from clbench.registry import STRATEGIES
 from clbench.strategies.hide_prompt import HIDE_PRESETS, HiDePrompt, HiDePromptConfig
-from clbench.strategy import StrategyModel
 
 
 @dataclass
@@ -28,17 +27,18 @@ class NoRGaConfig(HiDePromptConfig):
         symbol="sigma",
     )
 
+    @property
+    def prefix_gate(self) -> str | None:
+        return self.gate_activation
 
-@STRATEGIES.register("norga", "NoRGa: HiDe-Prompt with non-linear residual gates on the prefix logits")
+
+@STRATEGIES.register(
+    "norga", "NoRGa: HiDe-Prompt with non-linear residual gates on the prefix logits"
+)
 class NoRGa(HiDePrompt):
-    name = "norga"
     Config = NoRGaConfig
     presets = HIDE_PRESETS
     config: NoRGaConfig
-
-    def setup(self, model: StrategyModel) -> None:
-        self.gate_activation = self.config.gate_activation
-        super().setup(model)
 
     def begin_task(self, task: int, classes: list[int]) -> None:
         super().begin_task(task, classes)

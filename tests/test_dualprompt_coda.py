@@ -34,11 +34,16 @@ def digits(vit5):
     return digits_offline(DigitsOptions(num_experiences=5), vit5, seed=0)
 
 
-def make(name, encoder, num_classes=10, **options):
+def make(name, encoder, num_classes=10, tasks=None, **options):
+    """``tasks``: the scenario's number of tasks, as the run loop passes it (None: the
+    strategy learns it from the first experience's stream)."""
     strategy_class = STRATEGIES.get(name)
     settings = {"epochs": 1, "batch_size": 32, "eval_batch_size": 256, "lr": 0.01, **options}
     return strategy_class(
-        encoder=encoder, num_classes=num_classes, config=strategy_class.Config(**settings)
+        encoder=encoder,
+        num_classes=num_classes,
+        config=strategy_class.Config(**settings),
+        num_tasks=tasks,
     )
 
 
@@ -83,7 +88,7 @@ def train_two_tasks(name, encoder, digits, **options) -> TwoTaskRun:
     after_first = snapshot(strategy.model)
     x, y = items_of(digits, [0])
     with torch.no_grad():
-        accuracy = (strategy.predict(x).argmax(1) == y).float().mean().item()
+        accuracy = (strategy.classify(x).argmax(1) == y).float().mean().item()
     strategy.train(digits.benchmark.train_stream[1])
     return TwoTaskRun(strategy, after_first, encoder_before, accuracy, recorder.rates)
 
@@ -115,7 +120,8 @@ def test_coda_parameters_follow_the_paper():
 
     # wide enough for the paper's M = 100 mutually orthogonal keys
     encoder = vit_tiny_random(TinyViTOptions(depth=5, embed_dim=128, num_heads=4))
-    components = make("coda-prompt", encoder).model.components
+    # the components are split over the scenario's tasks: 10, as in the paper
+    components = make("coda-prompt", encoder, tasks=10).model.components
     assert components.num_tasks == 10 and components.per_task == 10
     for task in range(10):  # per task and layer: 10 x L_p x D prompts, 10 x D_q keys / A
         assert components.prompts[task].shape == (5, 10, 8, 128)
@@ -168,8 +174,9 @@ def test_dualprompt_picks_the_e_prompt_whose_key_is_closest():
         for slot in range(4):
             pool.keys[slot].copy_(torch.eye(4)[slot])
             pool.prompts[slot].fill_(float(slot))
-    query = torch.tensor([[0.9, 0.1, 0.0, 0.0], [0.1, 1.0, 0.2, 0.0],
-                          [0.0, 0.2, 1.0, 0.0], [0.0, 0.0, 0.1, 3.0]])
+    query = torch.tensor(
+        [[0.9, 0.1, 0.0, 0.0], [0.1, 1.0, 0.2, 0.0], [0.0, 0.2, 1.0, 0.0], [0.0, 0.0, 0.1, 3.0]]
+    )
     selection = pool(query, task=2)  # tasks 0..2 learnt: slot 3 is no candidate
     assert selection.selected[:, 0].tolist() == [0, 1, 2, 2]
     assert selection.prompt.prefixes[0][:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0, 2.0]
@@ -205,8 +212,9 @@ def test_coda_weights_are_cosines_of_attended_query_and_exclude_future_component
     # hand example: q * A = (1, 0, 3, 0), K = (1, 1, 0, 0): cos = 1 / (sqrt(10) sqrt(2))
     torch.testing.assert_close(alpha[0, 0, 0], torch.tensor(1 / (10**0.5 * 2**0.5)))
     attention = components.attention[0][0]
-    expected = F.cosine_similarity(query[:, None] * attention[None], components.keys[0][0][None],
-                                   dim=-1)
+    expected = F.cosine_similarity(
+        query[:, None] * attention[None], components.keys[0][0][None], dim=-1
+    )
     torch.testing.assert_close(alpha[0], expected)
     prompt = torch.einsum("bm,mpd->bpd", expected, components.prompts[0][0])
     before = components(query, task=0).prompt.prefixes[0]
@@ -267,8 +275,13 @@ def test_old_e_prompts_stay_as_learnt(dualprompt_run):
         assert not torch.equal(now[name], after_first[name]), name
     assert torch.equal(now["e_prompts.prompts.2"], after_first["e_prompts.prompts.2"])
     trained = {n for n, p in strategy.model.named_parameters() if p.requires_grad}
-    assert trained == {"g_prompt.prompts", "e_prompts.prompts.1", "e_prompts.keys.1",
-                       "head.weight", "head.bias"}
+    assert trained == {
+        "g_prompt.prompts",
+        "e_prompts.prompts.1",
+        "e_prompts.keys.1",
+        "head.weight",
+        "head.bias",
+    }
 
 
 def test_dualprompt_reports_how_often_the_key_match_finds_the_task(dualprompt_run, digits):
@@ -305,7 +318,7 @@ def test_two_tasks_predict_seen_classes_and_checkpoints_round_trip(request, run,
     # over seeds); the fewrel-offline run on MiniLM is its accuracy check
     x, _ = items_of(digits, [0, 1])
     with torch.no_grad():
-        logits = strategy.predict(x)
+        logits = strategy.classify(x)
     assert torch.isfinite(logits.gather(1, logits.argmax(1, keepdim=True))).all()
     predicted = set(logits.argmax(1).tolist())
     assert predicted <= set(strategy.task_classes[0] + strategy.task_classes[1])
@@ -315,10 +328,11 @@ def test_two_tasks_predict_seen_classes_and_checkpoints_round_trip(request, run,
     restored = make(strategy.name, vit5, **{k: v for k, v in state["config"].items()})
     restored.load_state_dict(state)
     with torch.no_grad():
-        torch.testing.assert_close(restored.predict(x[:64]), logits[:64])
+        torch.testing.assert_close(restored.classify(x[:64]), logits[:64])
     restored_trainable = {n for n, p in restored.model.named_parameters() if p.requires_grad}
-    assert restored_trainable == {n for n, p in strategy.model.named_parameters()
-                                  if p.requires_grad}
+    assert restored_trainable == {
+        n for n, p in strategy.model.named_parameters() if p.requires_grad
+    }
 
 
 def test_more_tasks_than_slots_is_a_clear_error(vit5, digits, tiny_vit):
@@ -329,7 +343,7 @@ def test_more_tasks_than_slots_is_a_clear_error(vit5, digits, tiny_vit):
     with pytest.raises(UsageError, match="num_tasks=3"):
         too_few.train(digits.benchmark.train_stream[0])
     with pytest.raises(UsageError, match="orthogonal"):
-        make("coda-prompt", vit5)  # 100 components in a 32-wide query space
+        make("coda-prompt", vit5, tasks=10)  # 100 components in a 32-wide query space
     with pytest.raises(UsageError, match="e_layers"):
         make("dualprompt", tiny_vit)  # 3 blocks: layers 3 and 4 do not exist
 

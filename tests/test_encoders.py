@@ -13,8 +13,36 @@ from clbench.errors import UsageError
 def _text_batch(encoder):
     tokenizer = encoder.tokenizer
     sentences = [
-        ["[CLS]", "[unused0]", "paris", "[unused1]", "is", "the", "capital", "of", "[unused2]", "france", "[unused3]", "[SEP]"],
-        ["[CLS]", "the", "[unused0]", "nile", "[unused1]", "flows", "into", "[unused2]", "egypt", "[unused3]", ".", "more", "words", "[SEP]"],
+        [
+            "[CLS]",
+            "[unused0]",
+            "paris",
+            "[unused1]",
+            "is",
+            "the",
+            "capital",
+            "of",
+            "[unused2]",
+            "france",
+            "[unused3]",
+            "[SEP]",
+        ],
+        [
+            "[CLS]",
+            "the",
+            "[unused0]",
+            "nile",
+            "[unused1]",
+            "flows",
+            "into",
+            "[unused2]",
+            "egypt",
+            "[unused3]",
+            ".",
+            "more",
+            "words",
+            "[SEP]",
+        ],
     ]
     length = max(map(len, sentences))
     ids = torch.full((len(sentences), length), tokenizer.pad_token_id)
@@ -53,7 +81,10 @@ def test_prefix_with_minus_infinite_logits_equals_no_prefix(encoder_name, reques
     prefix = torch.randn(1, 2, 4, encoder.embed_dim)
     blocked = Prompt(
         prefixes={0: prefix, 1: prefix},
-        gates={0: lambda s: torch.full_like(s, float("-inf")), 1: lambda s: torch.full_like(s, float("-inf"))},
+        gates={
+            0: lambda s: torch.full_like(s, float("-inf")),
+            1: lambda s: torch.full_like(s, float("-inf")),
+        },
     )
     torch.testing.assert_close(encoder(x, blocked).pooled, encoder(x).pooled, atol=1e-5, rtol=1e-5)
     # and an unblocked prefix does change the output
@@ -68,7 +99,9 @@ def test_gate_with_zero_alpha_is_plain_prefix_tuning(tiny_vit):
     plain = tiny_vit(x, Prompt(prefixes={1: prefix})).pooled
     torch.testing.assert_close(gated, plain, atol=1e-5, rtol=1e-5)
     gate_on = ResidualGate("tanh", alpha=1.0)
-    assert not torch.allclose(tiny_vit(x, Prompt(prefixes={1: prefix}, gates={1: gate_on})).pooled, plain)
+    assert not torch.allclose(
+        tiny_vit(x, Prompt(prefixes={1: prefix}, gates={1: gate_on})).pooled, plain
+    )
 
 
 def test_gate_formula_on_prefix_logits_only():
@@ -103,7 +136,9 @@ def test_gradients_reach_prompts_and_never_frozen_weights(encoder_name, request)
     prefix = torch.zeros(1, 2, 3, encoder.embed_dim, requires_grad=True)
     gate = ResidualGate("gelu")
     out = encoder(x, Prompt(tokens=tokens, prefixes={0: prefix}, gates={0: gate}))
-    out.pooled.sum().backward()
+    # squared: the sum of a freshly initialised final LayerNorm's output (weight 1, bias 0)
+    # is 0 for any input, so a plain sum has a zero gradient everywhere
+    out.pooled.square().sum().backward()
     assert tokens.grad is not None and tokens.grad.abs().sum() > 0
     assert prefix.grad is not None and prefix.grad.abs().sum() > 0
     assert gate.alpha.grad is not None
@@ -117,7 +152,9 @@ def test_prompt_tokens_shift_entity_positions(minilm):
     assert out.tokens.shape[1] == ids.shape[1] + 3
     head = (ids == minilm.marker_ids["[E11]"]).int().argmax(1) + 3
     torch.testing.assert_close(out.pooled[:, : minilm.embed_dim], out.tokens[torch.arange(2), head])
-    torch.testing.assert_close(out.prompt_token_states().shape, torch.Size([2, 3, minilm.embed_dim]))
+    torch.testing.assert_close(
+        out.prompt_token_states().shape, torch.Size([2, 3, minilm.embed_dim])
+    )
 
 
 def test_encoder_stays_in_eval_mode(minilm):
@@ -130,7 +167,9 @@ def test_vit_local_checkpoint_loads_and_mismatch_is_an_error(tmp_path, tiny_vit)
 
     good = tmp_path / "vit.pth"
     torch.save(tiny_vit.model.state_dict(), good)
-    loaded = vit_tiny_random(TinyViTOptions(depth=3, embed_dim=32, num_heads=4, checkpoint=str(good)))
+    loaded = vit_tiny_random(
+        TinyViTOptions(depth=3, embed_dim=32, num_heads=4, checkpoint=str(good))
+    )
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded(x).pooled, tiny_vit(x).pooled)
 

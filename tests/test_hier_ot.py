@@ -21,10 +21,22 @@ from clbench.taxonomy import (
     taxonomy_from_names,
 )
 
-SMALL = dict(epochs=1, batch_size=64, eval_batch_size=256, num_tasks=5, prompt_layers=[0, 1],
-             prompt_length=3, tii_epochs=1, tii_align_epochs=1, tap_epochs=1,
-             samples_per_class=16, lr_schedule="constant", pseudo_features=48, ot_samples=48,
-             group_size=2.0)
+SMALL = dict(
+    epochs=1,
+    batch_size=64,
+    eval_batch_size=256,
+    num_tasks=5,
+    prompt_layers=[0, 1],
+    prompt_length=3,
+    tii_epochs=1,
+    tii_align_epochs=1,
+    tap_epochs=1,
+    samples_per_class=16,
+    lr_schedule="constant",
+    pseudo_features=48,
+    ot_samples=48,
+    group_size=2.0,
+)
 DIGIT_NAMES = [str(d) for d in range(10)]
 
 
@@ -36,8 +48,12 @@ def digits(tiny_vit):
 def make(encoder, scenario, **options):
     strategy_class = STRATEGIES.get("hier-ot")
     config = strategy_class.Config(**{**SMALL, **options})
-    return strategy_class(encoder=encoder, num_classes=scenario.num_classes, config=config,
-                          class_names=scenario.class_names)
+    return strategy_class(
+        encoder=encoder,
+        num_classes=scenario.num_classes,
+        config=config,
+        class_names=scenario.class_names,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +90,9 @@ def test_emd_of_a_hand_example_and_of_a_class_to_itself():
     assert exact_emd(squared_euclidean_costs(x, y)).item() == pytest.approx(2.0)
     torch.manual_seed(0)
     samples = torch.randn(64, 16)
-    assert exact_emd(squared_euclidean_costs(samples, samples[None])).item() == pytest.approx(0, abs=1e-9)
+    assert exact_emd(squared_euclidean_costs(samples, samples[None])).item() == pytest.approx(
+        0, abs=1e-9
+    )
 
 
 @pytest.mark.parametrize("solver", ["emd", "sinkhorn"])
@@ -89,7 +107,9 @@ def test_class_distances_are_symmetric_and_zero_between_identical_samples(solver
     assert torch.all(matrix.diagonal() == 0)
     assert distances.submatrix([0, 1]).max() < 0.05 * matrix.max()  # same samples: ~0
     # a shift by 3 in each of 8 dimensions costs 8 * 3^2 = 72 (exact for EMD)
-    assert distances.submatrix([0, 2])[0, 1].item() == pytest.approx(72.0, rel=1e-6 if solver == "emd" else 0.05)
+    assert distances.submatrix([0, 2])[0, 1].item() == pytest.approx(
+        72.0, rel=1e-6 if solver == "emd" else 0.05
+    )
     assert distances.submatrix([0, 3])[0, 1] > 0
 
 
@@ -103,7 +123,9 @@ def test_incremental_update_computes_only_new_pairs_and_equals_a_full_recompute(
     assert incremental.update(samples) == 0  # nothing new: nothing computed
     full = ClassDistances()
     full.update(samples)
-    torch.testing.assert_close(incremental.submatrix(list(range(5))), full.submatrix(list(range(5))))
+    torch.testing.assert_close(
+        incremental.submatrix(list(range(5))), full.submatrix(list(range(5)))
+    )
     torch.testing.assert_close(incremental.submatrix([0, 1, 2]), before)
     dense = incremental.dense(7)
     assert dense[4, 2] == full.submatrix([4, 2])[0, 1] and math.isinf(dense[5, 0])
@@ -115,7 +137,9 @@ def test_incremental_update_computes_only_new_pairs_and_equals_a_full_recompute(
 def test_tree_from_a_yaml_file_restricts_to_seen_classes_and_round_trips(tmp_path):
     names = ["bear", "fox", "trout", "shark", "rose", "oak"]
     path = tmp_path / "tree.yaml"
-    path.write_text("animals:\n  mammals: [bear, fox]\n  fish: [trout, shark]\nplants:\n  - [rose]\n  - [oak]\n")
+    path.write_text(
+        "animals:\n  mammals: [bear, fox]\n  fish: [trout, shark]\nplants:\n  - [rose]\n  - [oak]\n"
+    )
     tree = load_taxonomy_file(path, names)
     assert tree.leaf_groups() == [[0, 1], [2, 3], [4], [5]]
     seen = tree.restricted([0, 2, 3, 5])  # the tree grows with the classes seen
@@ -137,7 +161,13 @@ def test_cifar100_superclasses():
     assert len(groups) == 20 and all(len(g) == 5 for g in groups)
     assert sorted(c for g in groups for c in g) == list(range(100))
     by_name = {names[c]: {names[k] for k in g} for g in groups for c in g}
-    assert by_name["maple_tree"] == {"maple_tree", "oak_tree", "palm_tree", "pine_tree", "willow_tree"}
+    assert by_name["maple_tree"] == {
+        "maple_tree",
+        "oak_tree",
+        "palm_tree",
+        "pine_tree",
+        "willow_tree",
+    }
     assert by_name["mushroom"] == {"apple", "mushroom", "orange", "pear", "sweet_pepper"}
     with pytest.raises(UsageError, match="split-cifar100"):
         cifar100_superclasses(DIGIT_NAMES)
@@ -161,17 +191,31 @@ def test_clustering_of_ot_distances_finds_the_groups():
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ('{"a": ["0", "1", "2", "3", "4"], "b": ["5", "6", "7", "8", "cat"]}', "unknown class names ['cat']"),
-        ('{"a": ["0", "1", "2", "3", "4"], "b": ["5", "6", "7"]}', "missing from the tree: ['8', '9']"),
-        ('{"a": ["0", "1", "2", "3", "4"], "b": ["5", "6", "7", "8", "9", "0"]}', "'0' is listed twice"),
-        ('{"a": ["0", "1", ["2", "3"]], "b": ["4", "5", "6", "7", "8", "9"]}', "mixes class names and subgroups"),
+        (
+            '{"a": ["0", "1", "2", "3", "4"], "b": ["5", "6", "7", "8", "cat"]}',
+            "unknown class names ['cat']",
+        ),
+        (
+            '{"a": ["0", "1", "2", "3", "4"], "b": ["5", "6", "7"]}',
+            "missing from the tree: ['8', '9']",
+        ),
+        (
+            '{"a": ["0", "1", "2", "3", "4"], "b": ["5", "6", "7", "8", "9", "0"]}',
+            "'0' is listed twice",
+        ),
+        (
+            '{"a": ["0", "1", ["2", "3"]], "b": ["4", "5", "6", "7", "8", "9"]}',
+            "mixes class names and subgroups",
+        ),
         ('{"a": [], "b": ["0"]}', "group root/a is empty"),
         ('{"a": 3}', "root/a is a int"),
         ('{"a": ["0", "1"', "is not valid JSON"),
         ('"just a string"', "must be a mapping of groups or a list"),
     ],
 )
-def test_bad_taxonomy_files_are_clear_errors_before_training(tmp_path, tiny_vit, digits, content, message):
+def test_bad_taxonomy_files_are_clear_errors_before_training(
+    tmp_path, tiny_vit, digits, content, message
+):
     path = tmp_path / "tree.json"
     path.write_text(content)
     with pytest.raises(UsageError, match="taxonomy") as error:
@@ -195,19 +239,23 @@ def test_supcon_against_a_hand_computed_example():
     expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1))) / 2
     assert supcon(similarity, labels).item() == pytest.approx(expected, rel=1e-6)
     # leaf groups {class 0} and {class 1}: anchors 0 and 1 only see each other -> loss 0
-    assert supcon(similarity, labels, groups=torch.tensor([0, 0, 1])).item() == pytest.approx(0, abs=1e-6)
+    assert supcon(similarity, labels, groups=torch.tensor([0, 0, 1])).item() == pytest.approx(
+        0, abs=1e-6
+    )
 
 
 def test_grouped_supcon_is_the_mean_over_groups_of_the_in_group_loss():
     # labels [0, 0, 1, 2, 2, 3]; groups {0, 1} -> A, {2, 3} -> B
-    s = torch.tensor([
-        [0.0, 1.0, 0.5, 3.0, 3.0, 3.0],
-        [1.0, 0.0, 2.0, 3.0, 3.0, 3.0],
-        [0.5, 2.0, 0.0, 3.0, 3.0, 3.0],
-        [3.0, 3.0, 3.0, 0.0, 1.5, 0.2],
-        [3.0, 3.0, 3.0, 1.5, 0.0, -1.0],
-        [3.0, 3.0, 3.0, 0.2, -1.0, 0.0],
-    ])
+    s = torch.tensor(
+        [
+            [0.0, 1.0, 0.5, 3.0, 3.0, 3.0],
+            [1.0, 0.0, 2.0, 3.0, 3.0, 3.0],
+            [0.5, 2.0, 0.0, 3.0, 3.0, 3.0],
+            [3.0, 3.0, 3.0, 0.0, 1.5, 0.2],
+            [3.0, 3.0, 3.0, 1.5, 0.0, -1.0],
+            [3.0, 3.0, 3.0, 0.2, -1.0, 0.0],
+        ]
+    )
     labels = torch.tensor([0, 0, 1, 2, 2, 3])
     groups = torch.tensor([0, 0, 0, 1, 1, 1])
     e = math.exp
@@ -215,12 +263,15 @@ def test_grouped_supcon_is_the_mean_over_groups_of_the_in_group_loss():
     group_b = (-math.log(e(1.5) / (e(1.5) + e(0.2))) - math.log(e(1.5) / (e(1.5) + e(-1.0)))) / 2
     assert supcon(s, labels, groups).item() == pytest.approx((group_a + group_b) / 2, rel=1e-6)
     # OT weighting: the logits are multiplied by Gamma[y_i, y_j] (1 within a class)
-    gamma = torch.tensor([[1.0, 0.5, 0.1, 0.1], [0.5, 1.0, 0.1, 0.1], [0.1, 0.1, 1.0, 0.25],
-                          [0.1, 0.1, 0.25, 1.0]])
+    gamma = torch.tensor(
+        [[1.0, 0.5, 0.1, 0.1], [0.5, 1.0, 0.1, 0.1], [0.1, 0.1, 1.0, 0.25], [0.1, 0.1, 0.25, 1.0]]
+    )
     weighted = s * gamma[labels][:, labels]
     group_a = (-math.log(e(1.0) / (e(1.0) + e(0.25))) - math.log(e(1.0) / (e(1.0) + e(1.0)))) / 2
     group_b = (-math.log(e(1.5) / (e(1.5) + e(0.05))) - math.log(e(1.5) / (e(1.5) + e(-0.25)))) / 2
-    assert supcon(weighted, labels, groups).item() == pytest.approx((group_a + group_b) / 2, rel=1e-6)
+    assert supcon(weighted, labels, groups).item() == pytest.approx(
+        (group_a + group_b) / 2, rel=1e-6
+    )
 
 
 def test_supcon_has_finite_gradients_for_an_anchor_alone_in_its_group():
@@ -236,7 +287,9 @@ def test_old_class_pseudo_features_reach_the_loss(trained, digits):
     old = digits.classes_per_experience[0]
     new = digits.classes_per_experience[1]
     pool, pool_labels = trained.pseudo_pool
-    assert set(pool_labels.tolist()) == set(old) and len(pool) == len(old) * SMALL["pseudo_features"]
+    assert (
+        set(pool_labels.tolist()) == set(old) and len(pool) == len(old) * SMALL["pseudo_features"]
+    )
     torch.manual_seed(0)
     features = torch.randn(8, trained.encoder.feature_dim, requires_grad=True)
     labels = torch.tensor(new * 4)
@@ -261,16 +314,21 @@ def test_training_sees_pseudo_features_and_the_tree_grows(trained_and_labels, di
 
 
 def test_energy_rescaling_gives_log_probabilities_over_seen_classes(trained, digits):
-    x = torch.stack([digits.benchmark.test_stream[i].dataset[j][0] for i in range(2) for j in range(8)])
+    x = torch.stack(
+        [digits.benchmark.test_stream[i].dataset[j][0] for i in range(2) for j in range(8)]
+    )
     trained.model.eval()
     with torch.no_grad():
-        rescaled = trained.predict(x)
+        rescaled = trained.classify(x)
         trained.config.eval_rescale = False
-        plain = trained.predict(x)
+        plain = trained.classify(x)
+        features = trained.predict(x).features
         trained.config.eval_rescale = True
     seen = trained.seen_class_list
     unseen = [c for c in range(10) if c not in seen]
-    torch.testing.assert_close(rescaled[:, seen].logsumexp(1), torch.zeros(len(x)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        rescaled[:, seen].logsumexp(1), torch.zeros(len(x)), atol=1e-4, rtol=0
+    )
     assert (rescaled[:, unseen] < -1e30).all()
     # without the distance term the group of the top class gets the largest weight: the
     # prediction is the plain one
@@ -278,7 +336,7 @@ def test_energy_rescaling_gives_log_probabilities_over_seen_classes(trained, dig
     trained.config.energy_eta0, trained.config.energy_eta = 1.0, 0.0
     try:
         with torch.no_grad():
-            sharp = trained.rescale_by_energy(plain, trained.batch_features)
+            sharp = trained.rescale_by_energy(plain, features)
         assert torch.equal(sharp.argmax(1), plain.argmax(1))
     finally:
         trained.config.energy_eta0, trained.config.energy_eta = eta0, eta
@@ -288,11 +346,11 @@ def test_mahalanobis_distance_matches_the_definition(trained):
     classes = trained.seen_class_list[:2]
     features = torch.randn(3, trained.encoder.feature_dim)
     distance = trained.mahalanobis(features, classes)
-    statistics = trained.prompted_statistics
+    statistics = trained.consolidation.prompted_statistics
     for column, label in enumerate(classes):
         factor = statistics.scales[label].double()
         covariance = factor @ factor.T
-        offset = (features.double() - statistics.means[label].double())
+        offset = features.double() - statistics.means[label].double()
         expected = (offset @ torch.linalg.inv(covariance) * offset).sum(1).sqrt()
         torch.testing.assert_close(distance[:, column].double(), expected, rtol=1e-3, atol=1e-3)
 
@@ -308,7 +366,7 @@ def test_checkpoint_round_trip_keeps_tree_distances_and_predictions(trained, tin
     trained.model.eval()
     restored.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(restored.predict(x), trained.predict(x))
+        torch.testing.assert_close(restored.classify(x), trained.classify(x))
     summary = restored.evaluation_summary()
     assert summary["taxonomy"]["text"] == trained.taxonomy.render(digits.class_names)
     assert summary["class_distances"]["classes"] == trained.distances.classes
@@ -334,12 +392,29 @@ def test_a_taxonomy_file_drives_the_groups(tmp_path, tiny_vit, digits):
 def test_a_digits_run_records_the_tree_and_the_distances(tmp_path, capsys):
     from clbench.cli import main
     from clbench.results import RunFolder
-    from clbench.taxonomy import main as print_tree
 
     out = tmp_path / "out"
-    code = main(["run", "-s", "hier-ot", "-c", "digits-offline", "--preset", "quick", "--device", "cpu",
-                 "--set", "scenario.num_experiences=2", "--set", "eval_rescale=true",
-                 "--set", "ot_samples=64", "--out", str(out)])
+    code = main(
+        [
+            "run",
+            "-s",
+            "hier-ot",
+            "-c",
+            "digits-offline",
+            "--preset",
+            "quick",
+            "--device",
+            "cpu",
+            "--set",
+            "scenario.num_experiences=2",
+            "--set",
+            "eval_rescale=true",
+            "--set",
+            "ot_samples=64",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     (config_path,) = out.glob("*/*/*/config.json")
     folder = RunFolder(config_path.parent)
@@ -349,22 +424,35 @@ def test_a_digits_run_records_the_tree_and_the_distances(tmp_path, capsys):
     assert "10 classes" in last["taxonomy"]["text"]
     assert last["ot_pairs"] == 5 * 4 // 2 + 5 * 5 + 5 * 4 // 2 and last["ot_seconds"] > 0
     capsys.readouterr()
-    assert print_tree([str(folder.path), "--distances"]) == 0
+    assert main(["tree", str(folder.path), "--distances"]) == 0
     printed = capsys.readouterr().out
     assert "label tree" in printed and "OT class distances (emd)" in printed
     assert f"OT: {last['ot_pairs']} class pairs" in printed
-    assert main(["tree", str(folder.path), "--distances"]) == 0  # the same through the CLI
-    assert capsys.readouterr().out == printed
 
 
 def test_tree_printout_reports_the_ot_share_of_the_run_time(tmp_path, capsys):
-    from clbench.taxonomy import main as print_tree
+    from clbench.cli import main as cli_main
 
-    def record(experience, ot_seconds, pairs):
-        return {"experience": experience, "train_seconds": 30.0, "eval_seconds": 10.0,
-                "extra": {"taxonomy": {"text": f"label tree after {experience}"},
-                          "ot_seconds": ot_seconds, "ot_pairs": pairs}}
+    def print_tree(argv):  # `clbench tree` (its code moved from clbench.taxonomy to the CLI)
+        return cli_main(["tree", *argv])
 
+    def record(experience, ot_seconds, pairs):  # a progress.json record as the run loop writes it
+        return {
+            "experience": experience,
+            "accuracy": [],
+            "correct": [],
+            "counts": [],
+            "train_seconds": 30.0,
+            "eval_seconds": 10.0,
+            "peak_memory_mb": 0.0,
+            "extra": {
+                "taxonomy": {"text": f"label tree after {experience}"},
+                "ot_seconds": ot_seconds,
+                "ot_pairs": pairs,
+            },
+        }
+
+    (tmp_path / "config.json").write_text("{}")  # what makes the folder a run folder
     (tmp_path / "progress.json").write_text(json.dumps([record(0, 1.0, 6), record(1, 2.0, 28)]))
     assert print_tree([str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -380,8 +468,23 @@ def test_a_bad_taxonomy_stops_a_cli_run_with_one_line(tmp_path, capsys):
 
     path = tmp_path / "tree.json"
     path.write_text('{"a": ["0", "1", "seven"]}')
-    code = main(["run", "-s", "hier-ot", "-c", "digits-offline", "--preset", "quick", "--device", "cpu",
-                 "--set", f"taxonomy={path}", "--out", str(tmp_path / "out")])
+    code = main(
+        [
+            "run",
+            "-s",
+            "hier-ot",
+            "-c",
+            "digits-offline",
+            "--preset",
+            "quick",
+            "--device",
+            "cpu",
+            "--set",
+            f"taxonomy={path}",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     error = capsys.readouterr().err.strip()
     assert code == 2 and error.startswith("clbench: error: bad taxonomy")
     assert "unknown class names ['seven']" in error and "missing from the tree" in error

@@ -15,10 +15,10 @@ from avalanche.core import SupervisedPlugin
 
 from clbench.encoders.attention import prompted_attention
 from clbench.errors import UsageError
+from clbench.prompts import TaskPrefixPrompts
 from clbench.registry import STRATEGIES
 from clbench.runner import RunRequest, execute, new_run_folder, resolve_run
-from clbench.strategies.hide_prompt import TaskPrefixPrompts
-from clbench.strategy import resolve_num_workers, resolve_precision
+from clbench.training import resolve_num_workers, resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
@@ -40,10 +40,15 @@ SMALL_VIT = {"depth": "2", "embed_dim": "32", "num_heads": "2"}
 
 def run_matrix(tmp_path, strategy, scenario, **overrides):
     """The correct-count matrix of a real ``clbench run`` (run loop, checkpoints and all)."""
-    request = RunRequest(strategy=strategy, scenario=scenario, device="cpu", seed=3,
-                         strategy_overrides={k: str(v) for k, v in overrides.items()},
-                         scenario_overrides={"num_experiences": "2"},
-                         backbone_overrides=SMALL_VIT)
+    request = RunRequest(
+        strategy=strategy,
+        scenario=scenario,
+        device="cpu",
+        seed=3,
+        strategy_overrides={k: str(v) for k, v in overrides.items()},
+        scenario_overrides={"num_experiences": "2"},
+        backbone_overrides=SMALL_VIT,
+    )
     config = resolve_run(request)
     folder = execute(new_run_folder(tmp_path, config), config, echo=lambda line: None)
     return [record.correct for record in folder.records()]
@@ -60,8 +65,15 @@ def test_cached_and_uncached_queries_give_the_same_accuracy_matrix(tmp_path, str
     if strategy == "l2p":
         quick.update(pool_size=4, top_k=2, prompt_length=2)
     else:
-        quick.update(num_tasks=2, prompt_layers="0,1", prompt_length=2, tii_epochs=2,
-                     tii_align_epochs=2, tap_epochs=2, samples_per_class=32)
+        quick.update(
+            num_tasks=2,
+            prompt_layers="0,1",
+            prompt_length=2,
+            tii_epochs=2,
+            tii_align_epochs=2,
+            tap_epochs=2,
+            samples_per_class=32,
+        )
     cached = run_matrix(tmp_path / "on", strategy, "digits-offline", **quick)
     plain = run_matrix(tmp_path / "off", strategy, "digits-offline", cache_queries=False, **quick)
     assert len(cached) == 2
@@ -78,8 +90,14 @@ def test_training_image_queries_are_cached_only_on_request(tiny_vit, cache_train
     digits = digits_offline(DigitsOptions(num_experiences=5), tiny_vit, seed=0)
     experience = digits.benchmark.train_stream[0]
     strategy_class = STRATEGIES.get("l2p")
-    config = strategy_class.Config(epochs=2, batch_size=64, pool_size=4, top_k=2,
-                                   prompt_length=2, cache_train_queries=cache_train)
+    config = strategy_class.Config(
+        epochs=2,
+        batch_size=64,
+        pool_size=4,
+        top_k=2,
+        prompt_length=2,
+        cache_train_queries=cache_train,
+    )
     strategy = strategy_class(encoder=tiny_vit, num_classes=10, config=config)
     strategy.train(experience)
     items = len(experience.dataset)
@@ -91,8 +109,9 @@ def test_training_image_queries_are_cached_only_on_request(tiny_vit, cache_train
         found, position = cache.lookup(cache.fingerprint(images))
         assert found.all()
         with torch.no_grad():
-            torch.testing.assert_close(cache.values[position], tiny_vit.query(images),
-                                       atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(
+                cache.values[position], tiny_vit.query(images), atol=1e-5, rtol=1e-4
+            )
 
 
 @pytest.mark.slow
@@ -103,13 +122,18 @@ def test_cached_text_queries_match_within_noise(tmp_path):
     scenario = {"n_train": "24", "n_val": "4", "n_test": "12", "max_length": "64"}
 
     def matrix(**overrides):
-        request = RunRequest(strategy="l2p", scenario="fewrel-offline", device="cpu",
-                             strategy_overrides={k: str(v) for k, v in {**small, **overrides}.items()},
-                             scenario_overrides=scenario)
+        request = RunRequest(
+            strategy="l2p",
+            scenario="fewrel-offline",
+            device="cpu",
+            strategy_overrides={k: str(v) for k, v in {**small, **overrides}.items()},
+            scenario_overrides=scenario,
+        )
         config = resolve_run(request)
         out = tmp_path / str(len(list(tmp_path.iterdir())))
         folder = execute(new_run_folder(out, config), config, echo=lambda line: None)
-        return torch.tensor([r.accuracy for r in folder.records()])
+        # NaN where a test experience was not evaluated (unseen): 0 on both sides
+        return torch.tensor(folder.accuracy_matrix()).nan_to_num()
 
     cached, plain = matrix(), matrix(cache_queries=False)
     assert (cached - plain).abs().max() <= 5.0
@@ -150,8 +174,9 @@ def test_plain_prefixes_run_through_sdpa_and_equal_the_explicit_maths(monkeypatc
     mask[2, 3:] = False
     out = prompted_attention(q, k, v, prefix=prefix, key_padding_mask=mask)
     assert len(calls) == 1
-    torch.testing.assert_close(out, reference_attention(q, k, v, prefix, mask),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out, reference_attention(q, k, v, prefix, mask), atol=1e-5, rtol=1e-5
+    )
 
     # a gate needs the prefix logits: the explicit path, still the same maths
     def gate(s):
@@ -159,8 +184,9 @@ def test_plain_prefixes_run_through_sdpa_and_equal_the_explicit_maths(monkeypatc
 
     gated = prompted_attention(q, k, v, prefix=prefix, gate=gate, key_padding_mask=mask)
     assert len(calls) == 1
-    torch.testing.assert_close(gated, reference_attention(q, k, v, prefix, mask, gate),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        gated, reference_attention(q, k, v, prefix, mask, gate), atol=1e-5, rtol=1e-5
+    )
 
 
 # -- bf16 autocast ---------------------------------------------------------------------------
@@ -183,8 +209,9 @@ def test_bf16_autocast_matches_fp32_within_tolerance(tiny_vit):
 
     def build(precision):
         torch.manual_seed(1)
-        config = STRATEGIES.get("l2p").Config(pool_size=6, top_k=2, prompt_length=3,
-                                              precision=precision, head_input="pooled")
+        config = STRATEGIES.get("l2p").Config(
+            pool_size=6, top_k=2, prompt_length=3, precision=precision, head_input="pooled"
+        )
         strategy = STRATEGIES.get("l2p")(encoder=tiny_vit, num_classes=10, config=config)
         strategy.seen_classes[:] = True
         return strategy
@@ -193,7 +220,8 @@ def test_bf16_autocast_matches_fp32_within_tolerance(tiny_vit):
     assert mixed.amp_dtype is torch.bfloat16 and plain.amp_dtype is None
     projections = []
     hook = tiny_vit.model.blocks[0].attn.qkv.register_forward_hook(
-        lambda module, inputs, output: projections.append(output.dtype))
+        lambda module, inputs, output: projections.append(output.dtype)
+    )
     try:
         with torch.no_grad():
             reference = plain.predict(x)
@@ -241,17 +269,30 @@ def test_bf16_training_runs_through_avalanche_with_fp32_losses_and_parameters(ti
 
     digits = digits_offline(DigitsOptions(num_experiences=5), tiny_vit, seed=0)
     strategy_class = STRATEGIES.get("norga")
-    config = strategy_class.Config(epochs=1, batch_size=64, eval_batch_size=256, num_tasks=5,
-                                   prompt_layers=[0, 1], prompt_length=3, tii_epochs=1,
-                                   tii_align_epochs=1, tap_epochs=1, samples_per_class=16,
-                                   lr_schedule="constant", precision="bf16")
+    config = strategy_class.Config(
+        epochs=1,
+        batch_size=64,
+        eval_batch_size=256,
+        num_tasks=5,
+        prompt_layers=[0, 1],
+        prompt_length=3,
+        tii_epochs=1,
+        tii_align_epochs=1,
+        tap_epochs=1,
+        samples_per_class=16,
+        lr_schedule="constant",
+        precision="bf16",
+    )
     probe = DtypeProbe()
     strategy = strategy_class(encoder=tiny_vit, num_classes=10, config=config, plugins=[probe])
     before = strategy.model.prompts.prompts[0].detach().clone()
     strategy.train(digits.benchmark.train_stream[0])
     strategy.eval([digits.benchmark.test_stream[0]])
-    assert probe.seen == {("output", torch.float32), ("loss", torch.float32),
-                          ("eval output", torch.float32)}
+    assert probe.seen == {
+        ("output", torch.float32),
+        ("loss", torch.float32),
+        ("eval output", torch.float32),
+    }
     prompt = strategy.model.prompts.prompts[0]
     assert prompt.dtype == torch.float32 and not torch.equal(prompt.detach(), before)
 
@@ -275,8 +316,9 @@ def test_training_with_persistent_loader_workers(tiny_vit):
     from clbench.scenarios.offline_vision import DigitsOptions, digits_offline
 
     digits = digits_offline(DigitsOptions(num_experiences=5), tiny_vit, seed=0)
-    config = STRATEGIES.get("l2p").Config(epochs=2, batch_size=128, num_workers=1,
-                                          pool_size=4, top_k=2, head_input="pooled")
+    config = STRATEGIES.get("l2p").Config(
+        epochs=2, batch_size=128, num_workers=1, pool_size=4, top_k=2, head_input="pooled"
+    )
     strategy = STRATEGIES.get("l2p")(encoder=tiny_vit, num_classes=10, config=config)
     loader_arguments = []
     make_loader = strategy.make_train_dataloader
@@ -318,10 +360,17 @@ def test_clbench_strategies_hold_one_copy_of_the_encoder(tiny_vit):
 
     for name, options in (("l2p", {}), ("hide-prompt", {"prompt_layers": [0, 1]})):
         strategy_class = STRATEGIES.get(name)
-        strategy = strategy_class(encoder=tiny_vit, num_classes=10,
-                                  config=strategy_class.Config(**options))
-        trainable = sum(p.numel() * 4 for n, p in strategy.model.named_parameters()
-                        if not n.startswith("encoder.")) / 2**20
+        strategy = strategy_class(
+            encoder=tiny_vit, num_classes=10, config=strategy_class.Config(**options)
+        )
+        trainable = (
+            sum(
+                p.numel() * 4
+                for n, p in strategy.model.named_parameters()
+                if not n.startswith("encoder.")
+            )
+            / 2**20
+        )
         assert weights_mib([strategy.model]) <= weights_mib([tiny_vit]) + trainable + 0.01
 
 
@@ -329,17 +378,42 @@ def test_clbench_strategies_hold_one_copy_of_the_encoder(tiny_vit):
 def test_benchmark_and_profile_scripts_run_end_to_end(tmp_path):
     common = ["--batch-size", "2", "--eval-batch-size", "2", "--batches", "1", "--threads", "1"]
     bench = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "bench_l2p_vs_avalanche.py"), *common,
-         "--skip-avalanche", "--strategies", "l2p", "--curve-tasks", "2",
-         "--curve-test-items", "2", "--json", str(tmp_path / "bench.json")],
-        capture_output=True, text=True, timeout=1200,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench_l2p_vs_avalanche.py"),
+            *common,
+            "--skip-avalanche",
+            "--strategies",
+            "l2p",
+            "--curve-tasks",
+            "2",
+            "--curve-test-items",
+            "2",
+            "--json",
+            str(tmp_path / "bench.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert bench.returncode == 0, bench.stdout + bench.stderr
     assert "clbench l2p fp32" in bench.stdout and "queries computed" in bench.stdout
     profile = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "profile_epoch.py"), "--batch-size", "2",
-         "--batches", "2", "--tasks", "2", "--threads", "1"],
-        capture_output=True, text=True, timeout=1200,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "profile_epoch.py"),
+            "--batch-size",
+            "2",
+            "--batches",
+            "2",
+            "--tasks",
+            "2",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
     )
     assert profile.returncode == 0, profile.stdout + profile.stderr
     for phase in ("data", "forward", "backward", "selection", "statistics"):

@@ -22,23 +22,32 @@ def make(name, encoder, scenario, evaluator=None, **options):
     settings = {"epochs": 1, "batch_size": 64, "eval_batch_size": 256, **options}
     config = strategy_class.Config(**settings)
     extra = {"evaluator": evaluator} if evaluator is not None else {}
-    return strategy_class(
-        encoder=encoder, num_classes=scenario.num_classes, config=config, **extra
-    )
+    return strategy_class(encoder=encoder, num_classes=scenario.num_classes, config=config, **extra)
 
 
 def test_a_plain_avalanche_script_can_use_a_clbench_strategy(tiny_vit, digits):
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loggers=[])
     strategy = make(
-        "l2p", tiny_vit, digits, evaluator=evaluator, pool_size=4, top_k=2, prompt_length=2,
-        epochs=3, batch_size=16, lr=0.01, head_input="pooled",
+        "l2p",
+        tiny_vit,
+        digits,
+        evaluator=evaluator,
+        pool_size=4,
+        top_k=2,
+        prompt_length=2,
+        epochs=3,
+        batch_size=16,
+        lr=0.01,
+        head_input="pooled",
     )
     strategy.train(digits.benchmark.train_stream[0])
     results = strategy.eval(digits.benchmark.test_stream[:2])
     keys = [k for k in results if k.startswith("Top1_Acc_Exp")]
     assert len(keys) == 2
     seen = [v for k, v in results.items() if k.startswith("Top1_Acc_Exp") and k.endswith("Exp000")]
-    unseen = [v for k, v in results.items() if k.startswith("Top1_Acc_Exp") and k.endswith("Exp001")]
+    unseen = [
+        v for k, v in results.items() if k.startswith("Top1_Acc_Exp") and k.endswith("Exp001")
+    ]
     # two classes only, the tiny random ViT still separates digits better than chance
     assert seen[0] > 0.6
     assert unseen[0] == 0.0  # unseen classes are masked out of the prediction
@@ -68,7 +77,7 @@ def test_checkpoint_round_trip(tiny_vit, digits, name):
     strategy.model.eval()
     restored.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(strategy.predict(x), restored.predict(x))
+        torch.testing.assert_close(strategy.classify(x), restored.classify(x))
     assert restored.task_classes == strategy.task_classes
     bad = dict(state, model={**state["model"], "head.extra": torch.zeros(1)})
     with pytest.raises(RuntimeError, match="does not match"):
@@ -109,15 +118,17 @@ def test_l2p_pool_selects_top_k_by_cosine_and_pulls_keys():
 
 
 def test_l2p_batchwise_selection_gives_every_input_the_same_prompts():
-    pool = PromptPool(pool_size=6, prompt_length=1, top_k=2, embed_dim=4, key_dim=4,
-                      batchwise_selection=True)
+    pool = PromptPool(
+        pool_size=6, prompt_length=1, top_k=2, embed_dim=4, key_dim=4, batchwise_selection=True
+    )
     selection = pool(torch.randn(7, 4))
     assert (selection.selected == selection.selected[0]).all()
 
 
 def test_prefix_pool_layout():
-    pool = PromptPool(pool_size=5, prompt_length=2, top_k=3, embed_dim=8, key_dim=4,
-                      mode="prefix", layers=(0, 2))
+    pool = PromptPool(
+        pool_size=5, prompt_length=2, top_k=3, embed_dim=8, key_dim=4, mode="prefix", layers=(0, 2)
+    )
     selection = pool(torch.randn(3, 4))
     assert set(selection.prompt.prefixes) == {0, 2}
     assert selection.prompt.prefixes[2].shape == (3, 2, 3 * 2, 8)

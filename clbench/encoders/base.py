@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from clbench.encoders.attention import Prompt
+from clbench.encoders.attention import PrefixGate, Prompt
 
 
 @dataclass
@@ -64,8 +64,15 @@ class PromptableEncoder(nn.Module):
         raise NotImplementedError
 
     def run_block(
-        self, index: int, hidden: Tensor, context: Any, prefix: Tensor | None, gate: Any
+        self,
+        index: int,
+        hidden: Tensor,
+        context: Any,
+        prefix: Tensor | None,
+        gate: PrefixGate | None,
     ) -> Tensor:
+        """Block ``index`` on ``hidden`` [B, N, D] with the layer's prefix and gate (None:
+        none), through :func:`~clbench.encoders.attention.prompted_attention`."""
         raise NotImplementedError
 
     def finish(self, hidden: Tensor) -> Tensor:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from clbench.encoders.attention import prompted_attention
+from clbench.encoders.attention import PrefixGate, prompted_attention
 from clbench.encoders.base import PromptableEncoder
 from clbench.errors import UsageError
 
@@ -85,21 +85,33 @@ class BertEncoder(PromptableEncoder):
         lead = self.num_leading_tokens
         mask = torch.cat([mask[:, :lead], ones, mask[:, lead:]], dim=1)
         return TextContext(
-            mask, context.head_positions + num_prompt_tokens,
+            mask,
+            context.head_positions + num_prompt_tokens,
             context.tail_positions + num_prompt_tokens,
         )
 
-    def run_block(self, index, hidden, context: TextContext, prefix, gate):
+    def run_block(
+        self,
+        index: int,
+        hidden: Tensor,
+        context: TextContext,
+        prefix: Tensor | None,
+        gate: PrefixGate | None,
+    ) -> Tensor:
         layer = self.model.encoder.layer[index]
         attention = layer.attention.self
         batch, length, _ = hidden.shape
 
-        def heads(projection):
+        def heads(projection: nn.Module) -> Tensor:
             return projection(hidden).view(batch, length, self.num_heads, -1).transpose(1, 2)
 
         out = prompted_attention(
-            heads(attention.query), heads(attention.key), heads(attention.value),
-            prefix=prefix, gate=gate, key_padding_mask=context.key_padding_mask,
+            heads(attention.query),
+            heads(attention.key),
+            heads(attention.value),
+            prefix=prefix,
+            gate=gate,
+            key_padding_mask=context.key_padding_mask,
         )
         out = out.transpose(1, 2).reshape(batch, length, self.embed_dim)
         attended = layer.attention.output(out, hidden)
@@ -114,8 +126,12 @@ class BertEncoder(PromptableEncoder):
         )
 
 
-def create_bert(name_or_path: str | Path, pooling: Literal["entity", "cls"] = "entity",
-                *, local_only: bool = False) -> BertEncoder:
+def create_bert(
+    name_or_path: str | Path,
+    pooling: Literal["entity", "cls"] = "entity",
+    *,
+    local_only: bool = False,
+) -> BertEncoder:
     """A BERT-family encoder from the Hugging Face hub or a local directory."""
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -126,7 +142,9 @@ def create_bert(name_or_path: str | Path, pooling: Literal["entity", "cls"] = "e
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), local_files_only=local_only)
         model = AutoModel.from_pretrained(
-            str(name_or_path), local_files_only=local_only, add_pooling_layer=False,
+            str(name_or_path),
+            local_files_only=local_only,
+            add_pooling_layer=False,
             attn_implementation="eager",
         )
     except OSError as error:

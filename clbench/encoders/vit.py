@@ -10,7 +10,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from clbench.encoders.attention import prompted_attention
+from clbench.encoders.attention import PrefixGate, prompted_attention
 from clbench.encoders.base import PromptableEncoder
 from clbench.errors import UsageError
 
@@ -27,10 +27,11 @@ class ViTEncoder(PromptableEncoder):
         self.model = model
         self.embed_dim = model.embed_dim
         self.num_layers = len(model.blocks)
-        self.num_heads = model.blocks[0].attn.num_heads
+        first_attention: Any = model.blocks[0].attn  # nn.Module attributes are untyped
+        self.num_heads = first_attention.num_heads
         self.feature_dim = model.num_features
         self.num_leading_tokens = model.num_prefix_tokens
-        config = model.pretrained_cfg or {}
+        config: dict[str, Any] = getattr(model, "pretrained_cfg", None) or {}
         self.input_size = (3, *model.patch_embed.img_size)
         self.mean = tuple(config.get("mean", (0.5, 0.5, 0.5)))
         self.std = tuple(config.get("std", (0.5, 0.5, 0.5)))
@@ -45,8 +46,15 @@ class ViTEncoder(PromptableEncoder):
         hidden = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
         return hidden, None
 
-    def run_block(self, index, hidden, context, prefix, gate):
-        block = self.model.blocks[index]
+    def run_block(
+        self,
+        index: int,
+        hidden: Tensor,
+        context: Any,
+        prefix: Tensor | None,
+        gate: PrefixGate | None,
+    ) -> Tensor:
+        block: Any = self.model.blocks[index]  # a timm Block (nn.Module attributes are untyped)
         attn = block.attn
         normed = block.norm1(hidden)
         batch, length, _ = normed.shape
@@ -87,6 +95,7 @@ def create_vit(
     kwargs: dict[str, Any] = dict(model_kwargs, num_classes=0)
     if img_size is not None:
         kwargs["img_size"] = img_size
+    model: Any  # a VisionTransformer for every ViT name (ViTEncoder checks)
     if checkpoint is not None:
         model = timm.create_model(model_name, pretrained=False, **kwargs)
         load_checkpoint_strictly(model, Path(checkpoint).expanduser())
@@ -119,6 +128,7 @@ def load_checkpoint_strictly(model: VisionTransformer, path: Path) -> None:
     if path.suffix == ".npz":
         model.load_pretrained(str(path))  # timm's strict JAX-format loader
         return
+    state: Any
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

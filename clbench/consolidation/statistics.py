@@ -1,20 +1,19 @@
-"""Class-wise Gaussian feature statistics and training on samples drawn from them.
+"""Class-wise Gaussian feature statistics, and the feature pass that fits them.
 
-Shared by every method that consolidates without stored data (HiDe-Prompt, NoRGa,
-WAVE-CRE, the hierarchical-OT method): after a task, the features of each new class are
-summarised as a Gaussian (full covariance + shrinkage * I), or as k centroids with diagonal
-variances; later, heads are (re)trained on samples of every seen class.
-Everything is batched over classes: sampling is one call, not a loop over classes.
+After a task, the features of each new class are summarised as a Gaussian (full
+covariance + shrinkage * I), or as k centroids with diagonal variances; later, heads are
+(re)trained on samples of every seen class (:mod:`clbench.consolidation.heads`), so no
+example of a past task is kept. Everything is batched over classes: sampling is one call,
+not a loop over classes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 
 class ClassStatistics:
@@ -72,7 +71,11 @@ class ClassStatistics:
         return torch.stack([self.means[c] for c in classes]).to(device)
 
     def sample(
-        self, classes: list[int], per_class: int, *, device: Any = "cpu",
+        self,
+        classes: list[int],
+        per_class: int,
+        *,
+        device: Any = "cpu",
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``per_class`` samples of every class in ``classes``: features [n, D], labels [n]."""
@@ -95,9 +98,15 @@ class ClassStatistics:
         return samples.reshape(-1, self.dim).to(device), labels.to(device)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"mode": self.mode, "dim": self.dim, "shrinkage": self.shrinkage,
-                "num_centroids": self.num_centroids, "means": self.means,
-                "scales": self.scales, "centroids": self.centroids}
+        return {
+            "mode": self.mode,
+            "dim": self.dim,
+            "shrinkage": self.shrinkage,
+            "num_centroids": self.num_centroids,
+            "means": self.means,
+            "scales": self.scales,
+            "centroids": self.centroids,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["mode"] != self.mode or state["dim"] != self.dim:
@@ -120,12 +129,37 @@ def _kmeans_with_spread(rows: Tensor, k: int, iterations: int = 20) -> tuple[Ten
             if len(members):
                 centroids[j] = members.mean(0)
     assignment = torch.cdist(rows, centroids).argmin(1)
-    stds = torch.stack([
-        rows[assignment == j].std(0, unbiased=False) if (assignment == j).sum() > 1
-        else torch.zeros(rows.shape[1], dtype=rows.dtype)
-        for j in range(k)
-    ])
+    stds = torch.stack(
+        [
+            rows[assignment == j].std(0, unbiased=False)
+            if (assignment == j).sum() > 1
+            else torch.zeros(rows.shape[1], dtype=rows.dtype)
+            for j in range(k)
+        ]
+    )
     return centroids, stds
+
+
+@overload
+def extract_features(
+    feature_fn: Callable[[Tensor], Tensor],
+    dataset: Any,
+    *,
+    batch_size: int,
+    device: Any,
+    num_workers: int = 0,
+) -> tuple[Tensor, Tensor]: ...
+
+
+@overload
+def extract_features(
+    feature_fn: Callable[[Tensor], tuple[Tensor, ...]],
+    dataset: Any,
+    *,
+    batch_size: int,
+    device: Any,
+    num_workers: int = 0,
+) -> tuple[tuple[Tensor, ...], Tensor]: ...
 
 
 @torch.no_grad()
@@ -142,74 +176,20 @@ def extract_features(
     ``feature_fn`` may return several feature tensors per batch (e.g. the query and the
     prompted feature from one pass over the data); they come back as a tuple.
     """
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
     outputs: list[Any] = []
     labels = []
     for batch in loader:
         x, y = batch[0].to(device), batch[1]
         result = feature_fn(x)
-        outputs.append(tuple(t.cpu() for t in result) if isinstance(result, tuple) else result.cpu())
+        outputs.append(
+            tuple(t.cpu() for t in result) if isinstance(result, tuple) else result.cpu()
+        )
         labels.append(y.cpu())
     if outputs and isinstance(outputs[0], tuple):
         features: Any = tuple(torch.cat(parts) for parts in zip(*outputs))
     else:
         features = torch.cat(outputs)
     return features, torch.cat(labels)
-
-
-def train_on_samples(
-    module: nn.Module,
-    statistics: ClassStatistics,
-    classes: list[int],
-    *,
-    epochs: int,
-    samples_per_class: int,
-    lr: float,
-    batch_size: int = 128,
-    momentum: float = 0.9,
-    weight_decay: float = 5e-4,
-    device: Any = "cpu",
-    logits_fn: Callable[[Tensor], Tensor] | None = None,
-    allowed: Tensor | None = None,
-    steps_per_epoch: int | None = None,
-    optimizer_name: Literal["sgd", "adam"] = "sgd",
-) -> None:
-    """(Re)train ``module`` on Gaussian samples of ``classes``: SGD with momentum, cosine.
-
-    The recipe HiDe-Prompt uses for its task-adaptive head and its task-identity
-    alignment; fresh samples every epoch. ``allowed`` (bool [num_classes]) masks the
-    logits to the seen classes. ``optimizer_name="adam"`` uses Adam instead of SGD (the
-    WAVE-CRE authors' code trains its heads on samples with Adam; momentum is then unused).
-    """
-    forward = logits_fn or module
-    parameters = [p for p in module.parameters() if p.requires_grad]
-    if optimizer_name == "adam":
-        optimizer: torch.optim.Optimizer = torch.optim.Adam(
-            parameters, lr=lr, weight_decay=weight_decay
-        )
-    elif optimizer_name == "sgd":
-        optimizer = torch.optim.SGD(
-            parameters, lr=lr, momentum=momentum, weight_decay=weight_decay
-        )
-    else:
-        raise ValueError(f"unknown optimizer {optimizer_name!r}; valid: sgd, adam")
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
-    module.train()
-    for _ in range(epochs):
-        features, labels = statistics.sample(classes, samples_per_class, device=device)
-        order = torch.randperm(len(labels), device=device)
-        starts = range(0, len(order), batch_size)
-        if steps_per_epoch is not None:
-            starts = starts[:steps_per_epoch]
-        for start in starts:
-            batch = order[start : start + batch_size]
-            logits = forward(features[batch])
-            if allowed is not None:
-                logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
-            loss = F.cross_entropy(logits, labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-    module.eval()

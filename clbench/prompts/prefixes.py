@@ -1,0 +1,185 @@
+"""Prefix prompts: DualPrompt's shared G-prompt and keyed E-prompts, HiDe-Prompt's (and
+NoRGa's) task prefixes.
+
+A prefix at a layer is Lp extra keys and Lp extra values that every token of the layer
+attends to, one [B or 1, 2, Lp, D] tensor per layer (see
+:class:`~clbench.encoders.attention.Prompt`). Prompts are initialised uniform(-1, 1), as
+in the authors' code (inherited from L2P / DualPrompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from clbench.encoders.attention import PrefixGate, Prompt, ResidualGate
+from clbench.prompts.base import PromptModule, PromptSelection, TaskIndex, single_task
+
+
+class SharedPrefix(PromptModule):
+    """One prefix prompt for every input and every task (DualPrompt's G-prompt).
+
+    Lp prefix keys and Lp prefix values at each of ``layers``, as one [1, 2, Lp, D] tensor
+    per layer (broadcast over the batch); no key, no auxiliary loss, no per-task slot.
+    """
+
+    def __init__(self, prompt_length: int, embed_dim: int, *, layers: Sequence[int]) -> None:
+        super().__init__()
+        self.layers = tuple(layers)
+        shape = (len(self.layers), 2, prompt_length, embed_dim)
+        self.prompts = nn.Parameter(torch.empty(shape).uniform_(-1, 1))
+
+    def forward(
+        self, query: Tensor, *, task: TaskIndex = None, train: bool = False
+    ) -> PromptSelection:
+        prefixes = {layer: self.prompts[i].unsqueeze(0) for i, layer in enumerate(self.layers)}
+        return PromptSelection(Prompt(prefixes=prefixes), query.new_zeros(()))
+
+
+class TaskKeyedPrefixPool(PromptModule):
+    """One prefix prompt and one learnable key per task (DualPrompt's E-prompts).
+
+    Slot t belongs to task t; each prompt is [layers, 2, Lp, D] (prefix keys, values).
+    ``task`` is the task being learnt (train) or the last one learnt (test):
+
+    * train: the whole batch uses slot ``task`` (task identity is known while training);
+      the auxiliary loss is DualPrompt's matching term mean_b (1 - cos(q_b, k_task));
+    * test: each input uses the slot whose key is most cosine-similar to its query, among
+      slots 0..``task`` (later slots are untrained random keys, never candidates); the
+      auxiliary loss is the same term for the chosen keys.
+
+    Every slot is its own parameter, so ``begin_task(task)`` takes the other slots out of
+    the optimizer: old prompts and keys stay exactly as trained, weight decay or not.
+    """
+
+    def __init__(
+        self,
+        num_slots: int,
+        prompt_length: int,
+        embed_dim: int,
+        key_dim: int,
+        *,
+        layers: Sequence[int],
+    ) -> None:
+        super().__init__()
+        self.layers = tuple(layers)
+        shape = (len(self.layers), 2, prompt_length, embed_dim)
+        self.prompts = nn.ParameterList(
+            [nn.Parameter(torch.empty(shape).uniform_(-1, 1)) for _ in range(num_slots)]
+        )
+        self.keys = nn.ParameterList(
+            [nn.Parameter(torch.empty(key_dim).uniform_(-1, 1)) for _ in range(num_slots)]
+        )
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.prompts)
+
+    def slot_parameters(self, slot: int) -> list[nn.Parameter]:
+        return [self.prompts[slot], self.keys[slot]]
+
+    def similarity(self, query: Tensor, num_candidates: int) -> Tensor:
+        """cos(q, k_t) for the first ``num_candidates`` slots: [B, num_candidates]."""
+        keys = torch.stack(list(self.keys)[:num_candidates])
+        return F.normalize(query, dim=-1) @ F.normalize(keys, dim=-1).T
+
+    def forward(
+        self, query: Tensor, *, task: TaskIndex = None, train: bool = False
+    ) -> PromptSelection:
+        task = single_task(task, "an E-prompt pool (it matches keys)")
+        last = self.num_slots - 1 if task is None else task
+        if not 0 <= last < self.num_slots:
+            raise ValueError(f"task {last} has no slot: the pool has {self.num_slots}")
+        batch = query.shape[0]
+        if train:
+            if task is None:
+                raise ValueError("training an E-prompt needs the task identity")
+            similarity = F.cosine_similarity(query, self.keys[task].unsqueeze(0), dim=-1)
+            chosen = torch.full((batch, 1), task, dtype=torch.long, device=query.device)
+            per_layer = self.prompts[task].unsqueeze(1)  # [layers, 1, 2, Lp, D]
+        else:
+            similarities = self.similarity(query, last + 1)
+            chosen = similarities.argmax(dim=1, keepdim=True)  # top-1 key match
+            similarity = similarities.gather(1, chosen).squeeze(1)
+            candidates = torch.stack(list(self.prompts)[: last + 1])
+            per_layer = candidates[chosen[:, 0]].transpose(0, 1)  # [layers, B, 2, Lp, D]
+        pull = (1.0 - similarity).mean()
+        prefixes = {layer: per_layer[i] for i, layer in enumerate(self.layers)}
+        return PromptSelection(Prompt(prefixes=prefixes), pull, chosen)
+
+
+class TaskPrefixPrompts(PromptModule):
+    """One prefix prompt per task at ``layers`` (HiDe-Prompt, NoRGa), no key.
+
+    ``task`` is an int while training (the task is known) or a tensor [B] of inferred
+    tasks at test time, gathered per sample in one indexing op; the query is not read
+    (the task picks the prompt), so it may be None. With ``gate_activation`` each prompted
+    layer gets NoRGa's residual gate on its prefix logits (the gates are shared by all
+    tasks, not part of any slot).
+
+    Lifecycle (HiDe's): ``begin_task(t)`` initialises P_t from P_{t-1} and trains only
+    P_t; ``end_task(t)`` applies prompt momentum P_t <- (1 - m) P_t + m mean(P_<t), then
+    freezes P_t.
+    """
+
+    def __init__(
+        self,
+        num_tasks: int,
+        layers: Sequence[int],
+        length: int,
+        embed_dim: int,
+        momentum: float = 0.0,
+        gate_activation: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.layers = list(layers)
+        self.momentum = momentum
+        shape = (len(self.layers), 2, length, embed_dim)
+        self.prompts = nn.ParameterList(
+            nn.Parameter(torch.empty(shape).uniform_(-1, 1)) for _ in range(num_tasks)
+        )
+        self.gates = nn.ModuleDict()
+        if gate_activation is not None:
+            self.gates = nn.ModuleDict(
+                {str(layer): ResidualGate(gate_activation) for layer in self.layers}
+            )
+
+    @property
+    def num_slots(self) -> int:
+        return len(self.prompts)
+
+    def slot_parameters(self, slot: int) -> list[nn.Parameter]:
+        return [self.prompts[slot]]
+
+    def begin_task(self, task: int) -> None:
+        """Initialise the new prompt from the previous one; only the new one trains."""
+        if task > 0:
+            with torch.no_grad():
+                self.prompts[task].copy_(self.prompts[task - 1])
+        super().begin_task(task)
+
+    def end_task(self, task: int) -> None:
+        """P_t <- (1 - m) P_t + m mean(P_<t), then freeze P_t (HiDe's prompt momentum)."""
+        prompt = self.prompts[task]
+        if self.momentum > 0 and task > 0:
+            with torch.no_grad():
+                previous = torch.stack(list(self.prompts[:task])).mean(0)
+                prompt.copy_((1 - self.momentum) * prompt + self.momentum * previous)
+        super().end_task(task)
+
+    def forward(
+        self, query: Tensor | None = None, *, task: TaskIndex = None, train: bool = False
+    ) -> PromptSelection:
+        if task is None:
+            raise ValueError("task prefixes are chosen by the task: pass task=")
+        if isinstance(task, int):
+            per_sample = self.prompts[task].unsqueeze(0)  # [1, layers, 2, L, D]
+        else:
+            per_sample = torch.stack(list(self.prompts))[task]  # [B, layers, 2, L, D]
+        prefixes = {layer: per_sample[:, i] for i, layer in enumerate(self.layers)}
+        gates: dict[int, PrefixGate] = {int(layer): gate for layer, gate in self.gates.items()}
+        zero = per_sample.new_zeros(())
+        return PromptSelection(Prompt(prefixes=prefixes, gates=gates), zero)
