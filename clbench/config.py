@@ -74,9 +74,7 @@ def parse_value(key: str, raw: str, tp: Any) -> Any:
         for choice in choices:
             if str(choice) == raw:
                 return choice
-        raise UsageError(
-            f"--set {key}={raw}: expected one of {', '.join(map(str, choices))}"
-        )
+        raise UsageError(f"--set {key}={raw}: expected one of {', '.join(map(str, choices))}")
     if tp is bool:
         lowered = raw.lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -130,6 +128,6 @@ def parse_set_arguments(pairs: list[str]) -> dict[str, dict[str, str]]:
         target = "strategy"
         for prefix in ("scenario.", "backbone.", "strategy."):
             if key.startswith(prefix):
-                target, key = prefix[:-1], key[len(prefix):]
+                target, key = prefix[:-1], key[len(prefix) :]
         grouped[target][key] = value.strip()
     return grouped

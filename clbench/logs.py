@@ -26,8 +26,10 @@ class _LineHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            to_stderr = (record.levelno >= logging.WARNING
-                         or getattr(record, "clbench_stream", "") == "stderr")
+            to_stderr = (
+                record.levelno >= logging.WARNING
+                or getattr(record, "clbench_stream", "") == "stderr"
+            )
             stream = sys.stderr if to_stderr else sys.stdout
             stream.write(self.format(record) + "\n")
             stream.flush()

@@ -303,7 +303,9 @@ def throughput_benchmark(args: argparse.Namespace) -> Any:
     return synthetic_benchmark(
         train_items=warm_and_timed * args.batch_size,
         test_items=warm_and_timed * args.eval_batch_size,
-        num_classes=args.num_classes, num_experiences=1, seed=args.seed,
+        num_classes=args.num_classes,
+        num_experiences=1,
+        seed=args.seed,
     )
 
 
@@ -373,12 +375,20 @@ def run_avalanche(args: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError(f"Avalanche built {args.model} with width {width}")
     strategy.model.head = nn.Linear(width, args.num_classes).to(device)  # it hard-codes 768
     result = measure(
-        strategy, benchmark, device=device, warmup=args.warmup, num_workers=args.workers,
-        modules=[strategy.model, strategy.original_vit], baseline_mib=baseline,
+        strategy,
+        benchmark,
+        device=device,
+        warmup=args.warmup,
+        num_workers=args.workers,
+        modules=[strategy.model, strategy.original_vit],
+        baseline_mib=baseline,
     )
     result.update(
-        name="avalanche l2p", timm=timm.__version__, precision="fp32",
-        python=sys.executable, note="Avalanche LearningToPrompt, timm 0.6.13 venv",
+        name="avalanche l2p",
+        timm=timm.__version__,
+        precision="fp32",
+        python=sys.executable,
+        note="Avalanche LearningToPrompt, timm 0.6.13 venv",
     )
     return result
 

@@ -58,7 +58,9 @@ from _avalanche_l2p_worker import (  # noqa: E402  (the scripts folder is not a 
 
 WORKER = SCRIPTS / "_avalanche_l2p_worker.py"
 AVALANCHE_TIMM = "0.6.13"
-DEFAULT_VENV = Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "clbench" / "bench-venv"
+DEFAULT_VENV = (
+    Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "clbench" / "bench-venv"
+)
 CLBENCH_STRATEGIES = ("l2p", "hide-prompt", "norga")
 
 
@@ -72,7 +74,9 @@ def venv_python(venv: Path) -> Path:
 def timm_version(python: Path) -> str | None:
     probe = subprocess.run(
         [str(python), "-c", "import timm; print(timm.__version__)"],
-        capture_output=True, text=True, env=child_environment(),
+        capture_output=True,
+        text=True,
+        env=child_environment(),
     )
     return probe.stdout.strip().splitlines()[-1] if probe.returncode == 0 else None
 
@@ -82,8 +86,9 @@ def ensure_venv(venv: Path) -> Path:
     python = venv_python(venv)
     if not python.exists():
         print(f"creating {venv} (--system-site-packages) for Avalanche's L2P", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True
+        )
     if timm_version(python) != AVALANCHE_TIMM:
         print(f"installing timm=={AVALANCHE_TIMM} into {venv}", flush=True)
         install = subprocess.run(
@@ -110,12 +115,32 @@ def child_environment() -> dict[str, str]:
 
 def common_arguments(args: argparse.Namespace) -> list[str]:
     return [
-        "--model", args.model, "--device", args.device,
-        "--batch-size", str(args.batch_size), "--eval-batch-size", str(args.eval_batch_size),
-        "--batches", str(args.batches), "--warmup", str(args.warmup),
-        "--pool-size", str(args.pool_size), "--prompt-length", str(args.prompt_length),
-        "--top-k", str(args.top_k), "--num-classes", str(args.num_classes),
-        "--workers", str(args.workers), "--threads", str(args.threads), "--seed", str(args.seed),
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--batch-size",
+        str(args.batch_size),
+        "--eval-batch-size",
+        str(args.eval_batch_size),
+        "--batches",
+        str(args.batches),
+        "--warmup",
+        str(args.warmup),
+        "--pool-size",
+        str(args.pool_size),
+        "--prompt-length",
+        str(args.prompt_length),
+        "--top-k",
+        str(args.top_k),
+        "--num-classes",
+        str(args.num_classes),
+        "--workers",
+        str(args.workers),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
     ]
 
 
@@ -136,34 +161,58 @@ def run_child(command: list[str], what: str) -> dict[str, Any]:
 
 
 def build_clbench_strategy(
-    name: str, encoder: Any, args: argparse.Namespace, *, num_classes: int, num_tasks: int = 1,
-    precision: str = "fp32", cache_queries: bool = True, plugins: list[Any] | None = None,
+    name: str,
+    encoder: Any,
+    args: argparse.Namespace,
+    *,
+    num_classes: int,
+    num_tasks: int = 1,
+    precision: str = "fp32",
+    cache_queries: bool = True,
+    plugins: list[Any] | None = None,
 ) -> Any:
     """clbench's ``name`` with the benchmark's settings (and L2P's, for l2p)."""
     from clbench.registry import STRATEGIES
 
     common = dict(
-        epochs=1, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
-        num_workers=args.workers, precision=precision, cache_queries=cache_queries,
+        epochs=1,
+        batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size,
+        num_workers=args.workers,
+        precision=precision,
+        cache_queries=cache_queries,
         # the synthetic stream is not augmented, so later epochs may reuse training queries
         cache_train_queries=cache_queries,
     )
     if name == "l2p":
         # Avalanche's L2P: lr 0.03, pull weight 0.1, prompt-token mean head, no batchwise
-        specific = dict(pool_size=args.pool_size, prompt_length=args.prompt_length,
-                        top_k=args.top_k, lr=0.03, pull_weight=0.1, head_input="prompt_mean",
-                        batchwise_selection=False)
+        specific = dict(
+            pool_size=args.pool_size,
+            prompt_length=args.prompt_length,
+            top_k=args.top_k,
+            lr=0.03,
+            pull_weight=0.1,
+            head_input="prompt_mean",
+            batchwise_selection=False,
+        )
     elif name in ("hide-prompt", "norga"):
         # end-of-task stages shortened: they are not part of the per-item rates
-        specific = dict(num_tasks=num_tasks, prompt_length=args.prompt_length,
-                        lr_schedule="constant", tii_epochs=1, tii_align_epochs=1, tap_epochs=1,
-                        samples_per_class=args.batch_size)
+        specific = dict(
+            num_tasks=num_tasks,
+            prompt_length=args.prompt_length,
+            lr_schedule="constant",
+            tii_epochs=1,
+            tii_align_epochs=1,
+            tap_epochs=1,
+            samples_per_class=args.batch_size,
+        )
     else:
         raise SystemExit(f"unknown strategy {name!r}; valid: {', '.join(CLBENCH_STRATEGIES)}")
     strategy_class = STRATEGIES.get(name)
     config = strategy_class.Config(**common, **specific)
-    return strategy_class(encoder=encoder, num_classes=num_classes, config=config,
-                          device=args.device, plugins=plugins)
+    return strategy_class(
+        encoder=encoder, num_classes=num_classes, config=config, device=args.device, plugins=plugins
+    )
 
 
 def make_encoder(args: argparse.Namespace) -> Any:
@@ -179,15 +228,26 @@ def run_clbench(args: argparse.Namespace) -> dict[str, Any]:
     benchmark = throughput_benchmark(args)
     baseline = PeakMemory(device).current_mib()
     encoder = make_encoder(args)
-    strategy = build_clbench_strategy(args.run_one, encoder, args, num_classes=args.num_classes,
-                                      precision=args.precision)
+    strategy = build_clbench_strategy(
+        args.run_one, encoder, args, num_classes=args.num_classes, precision=args.precision
+    )
     result = measure(
-        strategy, benchmark, device=device, warmup=args.warmup, num_workers=args.workers,
-        modules=[strategy.model], baseline_mib=baseline,
+        strategy,
+        benchmark,
+        device=device,
+        warmup=args.warmup,
+        num_workers=args.workers,
+        modules=[strategy.model],
+        baseline_mib=baseline,
     )
     resolved = "bf16" if strategy.amp_dtype == torch.bfloat16 else "fp32"
-    result.update(name=f"clbench {args.run_one}", timm=timm.__version__, precision=resolved,
-                  python=sys.executable, query_cache_items=len(strategy.query_cache))
+    result.update(
+        name=f"clbench {args.run_one}",
+        timm=timm.__version__,
+        precision=resolved,
+        python=sys.executable,
+        query_cache_items=len(strategy.query_cache),
+    )
     return result
 
 
@@ -197,7 +257,9 @@ def run_curve(args: argparse.Namespace) -> dict[str, Any]:
     tasks, per_task = args.curve_tasks, args.curve_test_items
     benchmark = synthetic_benchmark(
         train_items=tasks * args.batch_size * args.curve_train_batches,
-        test_items=tasks * per_task, num_classes=2 * tasks, num_experiences=tasks,
+        test_items=tasks * per_task,
+        num_classes=2 * tasks,
+        num_experiences=tasks,
         seed=args.seed,
     )
     encoder = make_encoder(args)
@@ -205,8 +267,13 @@ def run_curve(args: argparse.Namespace) -> dict[str, Any]:
     for cached in (True, False):
         torch.manual_seed(args.seed)
         strategy = build_clbench_strategy(
-            args.curve_strategy, encoder, args, num_classes=2 * tasks, num_tasks=tasks,
-            precision=args.precision, cache_queries=cached,
+            args.curve_strategy,
+            encoder,
+            args,
+            num_classes=2 * tasks,
+            num_tasks=tasks,
+            precision=args.precision,
+            cache_queries=cached,
             plugins=[StopAfter(args.curve_train_batches)],
         )
         for task in range(tasks):
@@ -217,14 +284,23 @@ def run_curve(args: argparse.Namespace) -> dict[str, Any]:
             strategy.eval(benchmark.test_stream[: task + 1])
             synchronize(device)
             seconds = time.perf_counter() - began
-            rows.append({
-                "cache": cached, "task": task, "seen_items": (task + 1) * per_task,
-                "eval_s": seconds,
-                "queries_computed": (strategy.query_cache.misses - misses if cached
-                                     else (task + 1) * per_task),
-            })
-    return {"strategy": args.curve_strategy, "tasks": tasks, "items_per_task": per_task,
-            "rows": rows}
+            rows.append(
+                {
+                    "cache": cached,
+                    "task": task,
+                    "seen_items": (task + 1) * per_task,
+                    "eval_s": seconds,
+                    "queries_computed": (
+                        strategy.query_cache.misses - misses if cached else (task + 1) * per_task
+                    ),
+                }
+            )
+    return {
+        "strategy": args.curve_strategy,
+        "tasks": tasks,
+        "items_per_task": per_task,
+        "rows": rows,
+    }
 
 
 # -- the report ------------------------------------------------------------------------------
@@ -232,12 +308,17 @@ def run_curve(args: argparse.Namespace) -> dict[str, Any]:
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in
-                       enumerate(zip(header, widths)))]
+    lines = [
+        "  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths)))
+    ]
     lines.append("  ".join("-" * w for w in widths))
     for row in rows:
-        lines.append("  ".join(str(c).rjust(w) if i else str(c).ljust(w)
-                               for i, (c, w) in enumerate(zip(row, widths))))
+        lines.append(
+            "  ".join(
+                str(c).rjust(w) if i else str(c).ljust(w)
+                for i, (c, w) in enumerate(zip(row, widths))
+            )
+        )
     return "\n".join(lines)
 
 
@@ -249,17 +330,30 @@ def label(result: dict[str, Any]) -> str:
 
 
 def throughput_table(results: list[dict[str, Any]], on_cpu: bool) -> str:
-    header = ["", "train items/s, 1st", "train items/s, again", "eval items/s, 1st", "eval items/s, again",
-              "peak MiB train", "peak MiB eval", "weights MiB"]
+    header = [
+        "",
+        "train items/s, 1st",
+        "train items/s, again",
+        "eval items/s, 1st",
+        "eval items/s, again",
+        "peak MiB train",
+        "peak MiB eval",
+        "weights MiB",
+    ]
     if on_cpu:
         header.append("MiB before model")
     rows = []
     for r in results:
-        row = [label(r), f"{r['train_items_per_s']:.2f}", f"{r['train_again_items_per_s']:.2f}",
-               f"{r['eval_first_items_per_s']:.2f}",
-               f"{r['eval_again_items_per_s']:.2f}", f"{r['train_peak_mib']:.0f}",
-               f"{max(r['eval_first_peak_mib'], r['eval_again_peak_mib']):.0f}",
-               f"{r['weights_mib']:.1f}"]
+        row = [
+            label(r),
+            f"{r['train_items_per_s']:.2f}",
+            f"{r['train_again_items_per_s']:.2f}",
+            f"{r['eval_first_items_per_s']:.2f}",
+            f"{r['eval_again_items_per_s']:.2f}",
+            f"{r['train_peak_mib']:.0f}",
+            f"{max(r['eval_first_peak_mib'], r['eval_again_peak_mib']):.0f}",
+            f"{r['weights_mib']:.1f}",
+        ]
         if on_cpu:
             row.append(f"{r['baseline_mib']:.0f}")
         rows.append(row)
@@ -270,8 +364,10 @@ def ratio_lines(results: list[dict[str, Any]], on_cpu: bool) -> list[str]:
     reference = next((r for r in results if r["name"] == "avalanche l2p"), None)
     if reference is None:
         return []
-    lines = ["ratios, clbench l2p / Avalanche LearningToPrompt (throughput: higher is better; "
-             "memory: lower is better):"]
+    lines = [
+        "ratios, clbench l2p / Avalanche LearningToPrompt (throughput: higher is better; "
+        "memory: lower is better):"
+    ]
 
     def eval_peak(r: dict[str, Any]) -> float:
         return max(r["eval_first_peak_mib"], r["eval_again_peak_mib"])
@@ -290,7 +386,8 @@ def ratio_lines(results: list[dict[str, Any]], on_cpu: bool) -> list[str]:
         ]
         if on_cpu:  # the part a model adds to the process: peak minus the pre-model footprint
             above = (r["train_peak_mib"] - r["baseline_mib"]) / max(
-                reference["train_peak_mib"] - reference["baseline_mib"], 1e-9)
+                reference["train_peak_mib"] - reference["baseline_mib"], 1e-9
+            )
             parts.append(f"train peak above pre-model footprint {above:.2f}x")
         lines.append(f"  {label(r)}: " + ", ".join(parts))
     return lines
@@ -300,18 +397,31 @@ def curve_table(curve: dict[str, Any]) -> str:
     by_task: dict[int, dict[bool, dict[str, Any]]] = {}
     for row in curve["rows"]:
         by_task.setdefault(row["task"], {})[row["cache"]] = row
-    header = ["after task", "seen test items", "cached: eval s", "ms/item", "queries computed",
-              "no cache: eval s", "ms/item", "queries computed"]
+    header = [
+        "after task",
+        "seen test items",
+        "cached: eval s",
+        "ms/item",
+        "queries computed",
+        "no cache: eval s",
+        "ms/item",
+        "queries computed",
+    ]
     rows = []
     for task, pair in sorted(by_task.items()):
         cached, plain = pair[True], pair[False]
-        rows.append([
-            str(task), str(cached["seen_items"]),
-            f"{cached['eval_s']:.2f}", f"{1000 * cached['eval_s'] / cached['seen_items']:.1f}",
-            str(cached["queries_computed"]),
-            f"{plain['eval_s']:.2f}", f"{1000 * plain['eval_s'] / plain['seen_items']:.1f}",
-            str(plain["queries_computed"]),
-        ])
+        rows.append(
+            [
+                str(task),
+                str(cached["seen_items"]),
+                f"{cached['eval_s']:.2f}",
+                f"{1000 * cached['eval_s'] / cached['seen_items']:.1f}",
+                str(cached["queries_computed"]),
+                f"{plain['eval_s']:.2f}",
+                f"{1000 * plain['eval_s'] / plain['seen_items']:.1f}",
+                str(plain["queries_computed"]),
+            ]
+        )
     return format_table(header, rows)
 
 
@@ -324,28 +434,56 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_arguments(parser)
-    parser.add_argument("--strategies", nargs="+", default=list(CLBENCH_STRATEGIES),
-                        choices=CLBENCH_STRATEGIES, help="clbench strategies to time")
-    parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=None,
-                        help="precisions of clbench's l2p (default: fp32 on a CPU, bf16 and "
-                             "fp32 on a GPU); hide-prompt and norga run at the first")
-    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV,
-                        help=f"the timm {AVALANCHE_TIMM} venv for Avalanche (default {DEFAULT_VENV})")
+    parser.add_argument(
+        "--strategies",
+        nargs="+",
+        default=list(CLBENCH_STRATEGIES),
+        choices=CLBENCH_STRATEGIES,
+        help="clbench strategies to time",
+    )
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=["fp32", "bf16"],
+        default=None,
+        help="precisions of clbench's l2p (default: fp32 on a CPU, bf16 and "
+        "fp32 on a GPU); hide-prompt and norga run at the first",
+    )
+    parser.add_argument(
+        "--venv",
+        type=Path,
+        default=DEFAULT_VENV,
+        help=f"the timm {AVALANCHE_TIMM} venv for Avalanche (default {DEFAULT_VENV})",
+    )
     parser.add_argument("--skip-avalanche", action="store_true", help="time clbench only")
     parser.add_argument("--no-curve", action="store_true", help="skip the eval-cost curve")
     parser.add_argument("--curve-strategy", default="l2p", choices=CLBENCH_STRATEGIES)
     parser.add_argument("--curve-tasks", type=int, default=5)
     parser.add_argument("--curve-test-items", type=int, default=16, help="test items per task")
-    parser.add_argument("--curve-train-batches", type=int, default=1,
-                        help="training batches per task in the curve (its subject is evaluation)")
+    parser.add_argument(
+        "--curve-train-batches",
+        type=int,
+        default=1,
+        help="training batches per task in the curve (its subject is evaluation)",
+    )
     parser.add_argument("--json", type=Path, help="also write every result to this file")
     # internal: one measurement in this (child) process
     parser.add_argument("--run-one", choices=CLBENCH_STRATEGIES, help=argparse.SUPPRESS)
     parser.add_argument("--run-curve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="fp32", help=argparse.SUPPRESS)
-    return check_arguments(parser, parser.parse_args(argv), (
-        "batch_size", "eval_batch_size", "batches", "warmup", "curve_tasks",
-        "curve_test_items", "curve_train_batches"))
+    return check_arguments(
+        parser,
+        parser.parse_args(argv),
+        (
+            "batch_size",
+            "eval_batch_size",
+            "batches",
+            "warmup",
+            "curve_tasks",
+            "curve_test_items",
+            "curve_train_batches",
+        ),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -361,20 +499,33 @@ def main(argv: list[str] | None = None) -> None:
     on_cpu = args.device == "cpu"
     precisions = args.precisions or (["fp32"] if on_cpu else ["bf16", "fp32"])
     common = common_arguments(args)
-    print(f"clbench vs Avalanche L2P: {args.model} at 224 px on {args.device}, batch "
-          f"{args.batch_size} (eval {args.eval_batch_size}), M={args.pool_size}, "
-          f"L_p={args.prompt_length}, N={args.top_k}, {args.warmup} warm-up + {args.batches} "
-          f"timed batches per pass, {args.workers} loader workers, random weights", flush=True)
+    print(
+        f"clbench vs Avalanche L2P: {args.model} at 224 px on {args.device}, batch "
+        f"{args.batch_size} (eval {args.eval_batch_size}), M={args.pool_size}, "
+        f"L_p={args.prompt_length}, N={args.top_k}, {args.warmup} warm-up + {args.batches} "
+        f"timed batches per pass, {args.workers} loader workers, random weights",
+        flush=True,
+    )
     results = []
     if not args.skip_avalanche:
         python = ensure_venv(args.venv)
-        print(f"Avalanche's LearningToPrompt runs in its own venv {args.venv} "
-              f"(--system-site-packages + timm {AVALANCHE_TIMM}), in a subprocess", flush=True)
+        print(
+            f"Avalanche's LearningToPrompt runs in its own venv {args.venv} "
+            f"(--system-site-packages + timm {AVALANCHE_TIMM}), in a subprocess",
+            flush=True,
+        )
         results.append(run_child([str(python), str(WORKER), *common], "avalanche l2p"))
     for name in args.strategies:
         for precision in precisions if name == "l2p" else precisions[:1]:
-            command = [sys.executable, __file__, *common, "--run-one", name,
-                       "--precision", precision]
+            command = [
+                sys.executable,
+                __file__,
+                *common,
+                "--run-one",
+                name,
+                "--precision",
+                precision,
+            ]
             results.append(run_child(command, f"clbench {name} {precision}"))
     memory_kind = results[0]["memory_kind"] if results else ""
     print(f"\nthroughput (items/s) and peak memory ({memory_kind}), each row a fresh process:")
@@ -384,20 +535,40 @@ def main(argv: list[str] | None = None) -> None:
 
     curve = None
     if not args.no_curve:
-        command = [sys.executable, __file__, *common, "--run-curve", "--precision", precisions[0],
-                   "--curve-strategy", args.curve_strategy,
-                   "--curve-tasks", str(args.curve_tasks),
-                   "--curve-test-items", str(args.curve_test_items),
-                   "--curve-train-batches", str(args.curve_train_batches)]
+        command = [
+            sys.executable,
+            __file__,
+            *common,
+            "--run-curve",
+            "--precision",
+            precisions[0],
+            "--curve-strategy",
+            args.curve_strategy,
+            "--curve-tasks",
+            str(args.curve_tasks),
+            "--curve-test-items",
+            str(args.curve_test_items),
+            "--curve-train-batches",
+            str(args.curve_train_batches),
+        ]
         curve = run_child(command, "evaluation-cost curve")
-        print(f"\nevaluation of the seen test experiences after each task: clbench "
-              f"{curve['strategy']}, {curve['tasks']} tasks x {curve['items_per_task']} test "
-              f"items, {args.model}, with and without the query cache:")
+        print(
+            f"\nevaluation of the seen test experiences after each task: clbench "
+            f"{curve['strategy']}, {curve['tasks']} tasks x {curve['items_per_task']} test "
+            f"items, {args.model}, with and without the query cache:"
+        )
         print(curve_table(curve))
     if args.json:
-        args.json.write_text(json.dumps({"settings": vars(args) | {"venv": str(args.venv),
-                                                                     "json": str(args.json)},
-                                         "results": results, "curve": curve}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "settings": vars(args) | {"venv": str(args.venv), "json": str(args.json)},
+                    "results": results,
+                    "curve": curve,
+                },
+                indent=2,
+            )
+        )
         print(f"\nwrote {args.json}")
 
 

@@ -134,14 +134,15 @@ def report(timer: PhaseTimer, items: int) -> str:
         parent = "/".join(parts[:-1])
         share = 100 * timer.seconds[path] / timer.seconds[parent] if parent else 100.0
         name = "  " * (len(parts) - 1) + parts[-1]
-        lines.append(f"{name:<58}{timer.seconds[path]:>9.2f}{share:>9.1f}%"
-                     f"{timer.calls[path]:>7}")
+        lines.append(f"{name:<58}{timer.seconds[path]:>9.2f}{share:>9.1f}%{timer.calls[path]:>7}")
     for parent in paths:
         children = [p for p in paths if p.rsplit("/", 1)[0] == parent and p != parent]
         rest = timer.seconds[parent] - sum(timer.seconds[c] for c in children)
         if children and rest > 0.01 * timer.seconds[parent]:
-            lines.append(f"{'other time in ' + parent:<58}{rest:>9.2f}"
-                         f"{100 * rest / timer.seconds[parent]:>9.1f}%")
+            lines.append(
+                f"{'other time in ' + parent:<58}{rest:>9.2f}"
+                f"{100 * rest / timer.seconds[parent]:>9.1f}%"
+            )
     epoch = timer.seconds.get("epoch", 0.0)
     if epoch:
         lines.append(f"training epoch: {items} items in {epoch:.2f}s = {items / epoch:.2f} items/s")
@@ -149,8 +150,9 @@ def report(timer: PhaseTimer, items: int) -> str:
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="vit_tiny_patch16_224", choices=sorted(VIT_SIZES))
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -159,8 +161,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     parser.add_argument("--workers", type=int, default=-1, help="loader workers (-1: auto)")
     parser.add_argument("--tii-epochs", type=int, default=2)
-    parser.add_argument("--replay-epochs", type=int, default=2,
-                        help="epochs of TII alignment and of TAP on samples")
+    parser.add_argument(
+        "--replay-epochs", type=int, default=2, help="epochs of TII alignment and of TAP on samples"
+    )
     parser.add_argument("--samples-per-class", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("--seed", type=int, default=0)
@@ -181,20 +184,34 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     per_task = args.batch_size * args.batches
     benchmark = synthetic_benchmark(
-        train_items=args.tasks * per_task, test_items=args.tasks * 2, num_classes=2 * args.tasks,
-        num_experiences=args.tasks, seed=args.seed,
+        train_items=args.tasks * per_task,
+        test_items=args.tasks * 2,
+        num_classes=2 * args.tasks,
+        num_experiences=args.tasks,
+        seed=args.seed,
     )
     encoder = create_vit(args.model, pretrained=False)
     timer = PhaseTimer(device)
     strategy_class = STRATEGIES.get("norga")
     config = strategy_class.Config(
-        epochs=1, batch_size=args.batch_size, num_tasks=args.tasks, lr_schedule="constant",
-        precision=args.precision, num_workers=args.workers, tii_epochs=args.tii_epochs,
-        tii_align_epochs=args.replay_epochs, tap_epochs=args.replay_epochs,
+        epochs=1,
+        batch_size=args.batch_size,
+        num_tasks=args.tasks,
+        lr_schedule="constant",
+        precision=args.precision,
+        num_workers=args.workers,
+        tii_epochs=args.tii_epochs,
+        tii_align_epochs=args.replay_epochs,
+        tap_epochs=args.replay_epochs,
         samples_per_class=args.samples_per_class,
     )
-    strategy = strategy_class(encoder=encoder, num_classes=2 * args.tasks, config=config,
-                              device=device, plugins=[data_plugin(timer)])
+    strategy = strategy_class(
+        encoder=encoder,
+        num_classes=2 * args.tasks,
+        config=config,
+        device=device,
+        plugins=[data_plugin(timer)],
+    )
     instrument(strategy, timer)
     for task in range(args.tasks - 1):  # earlier tasks: warm-up and old classes
         strategy.train(benchmark.train_stream[task])
@@ -222,10 +239,12 @@ def main(argv: list[str] | None = None) -> None:
     timer.enabled = False
 
     resolved = "bf16" if strategy.amp_dtype == torch.bfloat16 else "fp32"
-    print(f"norga, experience {args.tasks - 1} of {args.tasks}: {args.model} at 224 px on "
-          f"{device} ({resolved}, {strategy.config.num_workers} loader workers, "
-          f"{torch.get_num_threads()} threads), {per_task} training items in batches of "
-          f"{args.batch_size}; strategy.train() took {total:.2f}s")
+    print(
+        f"norga, experience {args.tasks - 1} of {args.tasks}: {args.model} at 224 px on "
+        f"{device} ({resolved}, {strategy.config.num_workers} loader workers, "
+        f"{torch.get_num_threads()} threads), {per_task} training items in batches of "
+        f"{args.batch_size}; strategy.train() took {total:.2f}s"
+    )
     print(report(timer, per_task))
     if profiler is not None:
         sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

@@ -18,18 +18,32 @@ def files_under(path: Path) -> list[Path]:
     ("arguments", "message"),
     [
         # CODA's setup refuses: 100 components cannot be orthogonal in the tiny ViT's width
-        (["-s", "coda-prompt", "-c", "digits-offline", "--preset", "default"],
-         "cannot be mutually orthogonal"),
+        (
+            ["-s", "coda-prompt", "-c", "digits-offline", "--preset", "default"],
+            "cannot be mutually orthogonal",
+        ),
         # the scenario factory refuses: no CIFAR-100 under the data root, download off
-        (["-s", "l2p", "-c", "split-cifar100", "-b", "vit-tiny-random",
-          "--set", "scenario.download=false"], "CIFAR-100"),
+        (
+            [
+                "-s",
+                "l2p",
+                "-c",
+                "split-cifar100",
+                "-b",
+                "vit-tiny-random",
+                "--set",
+                "scenario.download=false",
+            ],
+            "CIFAR-100",
+        ),
     ],
 )
 def test_an_error_while_building_exits_2_and_writes_nothing(arguments, message, tmp_path, capsys):
     out, data_root = tmp_path / "out", tmp_path / "data"
     data_root.mkdir()
-    code = main(["run", *arguments, "--device", "cpu", "--out", str(out),
-                 "--data-root", str(data_root)])
+    code = main(
+        ["run", *arguments, "--device", "cpu", "--out", str(out), "--data-root", str(data_root)]
+    )
     error = capsys.readouterr().err.strip()
     assert code == 2
     assert error.startswith("clbench: error: ") and message in error

