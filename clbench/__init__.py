@@ -9,3 +9,8 @@ warnings.filterwarnings("ignore", message="no QP solver found", category=UserWar
 __version__ = "0.1.0"
 
 from clbench import logs as _logs  # noqa: E402,F401  (installs the clbench log handler)
+
+# entry points for Avalanche scripts; clbench.api imports torch only when they are called
+from clbench.api import create_encoder, create_scenario, create_strategy  # noqa: E402
+
+__all__ = ["__version__", "create_encoder", "create_scenario", "create_strategy"]

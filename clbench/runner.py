@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -69,10 +69,18 @@ def resolve_device(device: str) -> str:
     return device
 
 
+# a preset key "scenario.<option>" sets a scenario option (the quick presets shrink the data)
+SCENARIO_PRESET_PREFIX = "scenario."
+
+
 def resolve_preset(
     strategy_class: type[CLStrategy], preset: str, scenario: str
 ) -> tuple[str, dict[str, Any]]:
-    """``auto`` = the strategy's preset named after the scenario if it has one, else defaults."""
+    """``auto`` = the strategy's preset named after the scenario if it has one, else defaults.
+
+    The values keep their keys: strategy hyper-parameters bare, scenario options as
+    ``scenario.<option>`` (see :func:`split_preset`).
+    """
     presets = strategy_class.presets
     if preset == "auto":
         preset = scenario if scenario in presets else "default"
@@ -86,6 +94,25 @@ def resolve_preset(
     return preset, dict(presets[preset])
 
 
+def split_preset(
+    values: dict[str, Any], scenario_fields: set[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A preset's strategy values and the scenario options among ``scenario_fields``.
+
+    One preset (``quick``) serves every scenario, so a ``scenario.<option>`` key applies
+    to the scenarios that have that option (``scenario.n_train`` shrinks fewrel-offline
+    and leaves digits-offline, which has no such option, as it is).
+    """
+    strategy_values: dict[str, Any] = {}
+    scenario_values: dict[str, Any] = {}
+    for key, value in values.items():
+        if not key.startswith(SCENARIO_PRESET_PREFIX):
+            strategy_values[key] = value
+        elif (option := key.removeprefix(SCENARIO_PRESET_PREFIX)) in scenario_fields:
+            scenario_values[option] = value
+    return strategy_values, scenario_values
+
+
 def resolve_run(request: RunRequest) -> dict[str, Any]:
     """A full, validated configuration (a JSON-able dict); raises UsageError on bad input."""
     strategy_class = load_strategy_class(request.strategy)
@@ -94,16 +121,22 @@ def resolve_run(request: RunRequest) -> dict[str, Any]:
     backbone = request.backbone or spec.default_backbone
     backbone_factory = BACKBONES.get(backbone)
     preset, preset_values = resolve_preset(strategy_class, request.preset, request.scenario)
+    scenario_defaults = options_class(scenario_factory)()
+    preset_strategy, preset_scenario = split_preset(
+        preset_values, {f.name for f in fields(scenario_defaults)}
+    )
     strategy_config = apply_overrides(
-        strategy_class.Config(), preset_values, what=f"{strategy_class.name} preset"
+        strategy_class.Config(), preset_strategy, what=f"{strategy_class.name} preset"
     )
     strategy_config = apply_overrides(
         strategy_config, request.strategy_overrides, what=strategy_class.name or "strategy"
     )
+    # the preset's scenario options first, so the user's --set scenario.X wins
     scenario_options = apply_overrides(
-        options_class(scenario_factory)(),
-        request.scenario_overrides,
-        what=f"scenario {request.scenario}",
+        scenario_defaults, preset_scenario, what=f"{strategy_class.name} preset {preset}"
+    )
+    scenario_options = apply_overrides(
+        scenario_options, request.scenario_overrides, what=f"scenario {request.scenario}"
     )
     backbone_options = apply_overrides(
         options_class(backbone_factory)(), request.backbone_overrides, what=f"backbone {backbone}"

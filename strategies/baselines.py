@@ -24,6 +24,7 @@ from clbench.config import option
 from clbench.consolidation import extract_features
 from clbench.registry import STRATEGIES
 from clbench.scenario import TensorClassificationDataset
+from clbench.strategies.quick import QUICK_DATA
 from clbench.strategy import CLStrategy, StrategyConfig, StrategyModel, TrainOutput
 
 
@@ -35,7 +36,7 @@ class LinearProbeConfig(StrategyConfig):
 class _LinearProbe(CLStrategy):
     Config = LinearProbeConfig
     presets = {
-        "quick": {"epochs": 1, "batch_size": 32},
+        "quick": {"epochs": 1, "batch_size": 32, **QUICK_DATA},
         "fewrel-offline": {"epochs": 3, "batch_size": 32, "lr": 1e-3},
         "digits-offline": {"epochs": 3, "batch_size": 32, "lr": 1e-3},
     }

@@ -32,6 +32,7 @@ from clbench.config import option
 from clbench.errors import UsageError
 from clbench.prompts import ComponentPrompt, require_layers
 from clbench.registry import STRATEGIES
+from clbench.strategies.quick import QUICK_DATA
 from clbench.strategy import CLStrategy, StrategyConfig, StrategyModel, TaskSlots, TrainOutput
 
 
@@ -68,7 +69,7 @@ class CodaPrompt(CLStrategy):
     presets = {
         # 10 components per task as in the paper; 50 fit the tiny ViT's width of 64. quick
         # runs on any scenario: 40 components split evenly into 4, 5, 8 or 10 tasks
-        "quick": {"epochs": 1, "batch_size": 32, "pool_size": 40},
+        "quick": {"epochs": 1, "batch_size": 32, "pool_size": 40, **QUICK_DATA},
         "digits-offline": {"epochs": 3, "batch_size": 32, "lr": 0.01, "pool_size": 50},
         # MiniLM-L6 on 2 CPU cores: one epoch per task (~6-8 min a run), so the larger lr of
         # the other prompt methods' CPU presets

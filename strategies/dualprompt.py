@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from clbench.config import option
 from clbench.prompts import SharedPrefix, TaskKeyedPrefixPool, merge_prompts, require_layers
 from clbench.registry import STRATEGIES
+from clbench.strategies.quick import QUICK_DATA
 from clbench.strategy import (
     CLStrategy,
     Prediction,
@@ -68,7 +69,7 @@ class DualPrompt(CLStrategy):
     Config = DualPromptConfig
     infers_task = True  # by the top-1 key match (its E-prompt choice)
     presets = {
-        "quick": {"epochs": 1, "batch_size": 32},
+        "quick": {"epochs": 1, "batch_size": 32, **QUICK_DATA},
         "digits-offline": {"epochs": 3, "batch_size": 32, "lr": 0.01},
         # MiniLM-L6 on 2 CPU cores: one epoch of 1680 sentences per task, ~6-8 min a run
         "fewrel-offline": {"epochs": 1, "batch_size": 32, "lr": 0.01},

@@ -30,6 +30,7 @@ from clbench.config import option
 from clbench.consolidation import GaussianConsolidation, TaskIdentityHead, train_on_features
 from clbench.prompts import TaskPrefixPrompts, require_layers
 from clbench.registry import STRATEGIES
+from clbench.strategies.quick import QUICK_DATA
 from clbench.strategy import (
     CLStrategy,
     Prediction,
@@ -83,7 +84,8 @@ class HiDePromptConfig(StrategyConfig):
 # fmt: off
 HIDE_PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"epochs": 1, "batch_size": 32, "lr": 0.01, "lr_schedule": "constant",
-              "tii_epochs": 2, "tii_align_epochs": 2, "tap_epochs": 2, "samples_per_class": 64},
+              "tii_epochs": 2, "tii_align_epochs": 2, "tap_epochs": 2, "samples_per_class": 64,
+              **QUICK_DATA},
     "digits-offline": {"epochs": 3, "batch_size": 32, "lr": 0.01, "lr_schedule": "constant",
                        "tii_epochs": 10, "tii_align_epochs": 10, "tap_epochs": 10,
                        "samples_per_class": 160},

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from clbench.config import option
 from clbench.prompts import PromptPool
 from clbench.registry import STRATEGIES
+from clbench.strategies.quick import QUICK_DATA
 from clbench.strategy import CLStrategy, StrategyConfig, StrategyModel, TrainOutput
 
 
@@ -45,7 +46,8 @@ class L2PConfig(StrategyConfig):
 class L2P(CLStrategy):
     Config = L2PConfig
     presets = {
-        "quick": {"epochs": 1, "batch_size": 32},
+        # one epoch; on fewrel-offline a subset of the data (QUICK_DATA)
+        "quick": {"epochs": 1, "batch_size": 32, **QUICK_DATA},
         "fewrel-offline": {"epochs": 1, "batch_size": 32, "lr": 0.01, "head_input": "pooled"},
         # a random tiny ViT: its prompt-token states carry little of the image, so the
         # classifier reads the [CLS] feature

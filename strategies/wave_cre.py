@@ -36,6 +36,7 @@ from clbench.consolidation import GaussianConsolidation, RelationMLP, reset_line
 from clbench.errors import UsageError
 from clbench.prompts import PromptVariant, TaskPromptPools, require_layers
 from clbench.registry import STRATEGIES
+from clbench.strategies.quick import QUICK_DATA
 from clbench.strategy import (
     CLStrategy,
     Prediction,
@@ -98,9 +99,11 @@ CPU_HEADS = {"head_epochs": 50, "samples_per_class": 128, "head_batch_size": 64,
 
 # fmt: off
 WAVE_PRESETS: dict[str, dict[str, Any]] = {
+    # the heads' refit grows with the seen relations: 20 epochs of it were ~2/3 of a quick
+    # fewrel-offline run on 2 CPU cores, so a few larger-step epochs
     "quick": {"epochs": 1, "batch_size": 32, "lr": 0.01, "pool_size": 10, "top_k": 4,
-              "head_epochs": 20, "samples_per_class": 64, "head_batch_size": 32,
-              "head_lr": 3e-3},
+              "head_epochs": 4, "samples_per_class": 32, "head_batch_size": 64,
+              "head_lr": 1e-2, **QUICK_DATA},
     "digits-offline": {"epochs": 3, "batch_size": 32, "lr": 0.01, "pool_size": 10, "top_k": 4,
                        **CPU_HEADS, "samples_per_class": 160},
     # MiniLM-L6 on 2 CPU cores, the cost of hide-prompt's fewrel-offline preset
