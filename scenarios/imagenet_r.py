@@ -41,12 +41,11 @@ from clbench.data.splits import (
     increment_option,
     initial_classes_option,
     protocol_line,
-    split_details,
     task_sizes_option,
 )
 from clbench.data.vision import (
     ClassOrder,
-    class_incremental_with_transforms,
+    image_scenario,
     require_vision_encoder,
     resolve_class_order,
     vit_eval_transform,
@@ -269,26 +268,17 @@ def imagenet_r(options: ImageNetROptions, encoder: Any, seed: int) -> Scenario:
         else eval_transform
     )
     announce("imagenet-r", tasks)
-    benchmark, classes = class_incremental_with_transforms(
-        train, test, class_order, tasks, train_transform, eval_transform
-    )
-    return Scenario(
-        name="imagenet-r",
-        benchmark=benchmark,
-        classes_per_experience=classes,
+    return image_scenario(
+        "imagenet-r",
+        train=train,
+        test=test,
+        class_order=class_order,
+        tasks=tasks,
+        transforms=(train_transform, eval_transform),
         class_names=read_class_names(images, wnids),
-        modality="vision",
-        details={
-            **split_details(tasks),
-            "data_folder": str(images),
-            "split_file": str(folder / SPLIT_FILE),
-            "wnids": wnids,
-            "class_order": class_order,
-            "class_order_kind": options.class_order,
-            "seed": seed,
-            "counts": {"train": len(train), "test": len(test)},
-            "input_size": tuple(encoder.input_size),
-            "train_transform": repr(train_transform),
-            "eval_transform": repr(eval_transform),
-        },
+        data_folder=str(images),
+        class_order_kind=options.class_order,
+        seed=seed,
+        encoder=encoder,
+        extra_details={"split_file": str(folder / SPLIT_FILE), "wnids": wnids},
     )

@@ -24,12 +24,11 @@ from clbench.data.splits import (
     increment_option,
     initial_classes_option,
     protocol_line,
-    split_details,
     task_sizes_option,
 )
 from clbench.data.vision import (
     ClassOrder,
-    class_incremental_with_transforms,
+    image_scenario,
     require_vision_encoder,
     resolve_class_order,
     vit_eval_transform,
@@ -144,24 +143,16 @@ def split_cifar100(options: SplitCIFAR100Options, encoder: Any, seed: int) -> Sc
     train = TensorClassificationDataset(data.train_images, data.train_labels)
     test = TensorClassificationDataset(data.test_images, data.test_labels)
     announce("split-cifar100", tasks)
-    benchmark, classes = class_incremental_with_transforms(
-        train, test, class_order, tasks, train_transform, eval_transform
-    )
-    return Scenario(
-        name="split-cifar100",
-        benchmark=benchmark,
-        classes_per_experience=classes,
+    return image_scenario(
+        "split-cifar100",
+        train=train,
+        test=test,
+        class_order=class_order,
+        tasks=tasks,
+        transforms=(train_transform, eval_transform),
         class_names=data.class_names,
-        modality="vision",
-        details={
-            **split_details(tasks),
-            "data_folder": str(folder),
-            "class_order": class_order,
-            "class_order_kind": options.class_order,
-            "seed": seed,
-            "counts": {"train": len(train), "test": len(test)},
-            "input_size": tuple(encoder.input_size),
-            "train_transform": repr(train_transform),
-            "eval_transform": repr(eval_transform),
-        },
+        data_folder=str(folder),
+        class_order_kind=options.class_order,
+        seed=seed,
+        encoder=encoder,
     )

@@ -32,12 +32,11 @@ from clbench.data.splits import (
     increment_option,
     initial_classes_option,
     protocol_line,
-    split_details,
     task_sizes_option,
 )
 from clbench.data.vision import (
     ClassOrder,
-    class_incremental_with_transforms,
+    image_scenario,
     require_vision_encoder,
     resolve_class_order,
     vit_eval_transform,
@@ -229,24 +228,16 @@ def split_cub200(options: SplitCUB200Options, encoder: Any, seed: int) -> Scenar
         else eval_transform
     )
     announce(SCENARIO, tasks)
-    benchmark, classes = class_incremental_with_transforms(
-        train, test, class_order, tasks, train_transform, eval_transform
-    )
-    return Scenario(
-        name=SCENARIO,
-        benchmark=benchmark,
-        classes_per_experience=classes,
+    return image_scenario(
+        SCENARIO,
+        train=train,
+        test=test,
+        class_order=class_order,
+        tasks=tasks,
+        transforms=(train_transform, eval_transform),
         class_names=listing.class_names,
-        modality="vision",
-        details={
-            **split_details(tasks),
-            "data_folder": str(folder),
-            "class_order": class_order,
-            "class_order_kind": options.class_order,
-            "seed": seed,
-            "counts": {"train": len(train), "test": len(test)},
-            "input_size": tuple(encoder.input_size),
-            "train_transform": repr(train_transform),
-            "eval_transform": repr(eval_transform),
-        },
+        data_folder=str(folder),
+        class_order_kind=options.class_order,
+        seed=seed,
+        encoder=encoder,
     )

@@ -13,9 +13,9 @@ from typing import Any, Literal
 
 import torch
 
-from clbench.data.splits import TaskSplit
+from clbench.data.splits import TaskSplit, split_details
 from clbench.errors import UsageError
-from clbench.scenario import seeded_class_order, split_into_tasks
+from clbench.scenario import Scenario, seeded_class_order, split_into_tasks
 
 ClassOrder = Literal["seed", "natural"]
 CLASS_ORDERS: tuple[str, ...] = ("seed", "natural")
@@ -107,3 +107,45 @@ def class_incremental_with_transforms(
         num_classes_per_exp=[len(c) for c in classes],
     )
     return benchmark, classes
+
+
+def image_scenario(
+    name: str,
+    *,
+    train: Any,
+    test: Any,
+    class_order: Sequence[int],
+    tasks: TaskSplit,
+    transforms: tuple[Any, Any],
+    class_names: list[str],
+    data_folder: str,
+    class_order_kind: str,
+    seed: int,
+    encoder: Any,
+    extra_details: dict[str, Any] | None = None,
+) -> Scenario:
+    """The :class:`Scenario` of an image data set split class-incrementally, with the
+    details every image scenario records (``extra_details`` follow the data folder)."""
+    train_transform, eval_transform = transforms
+    benchmark, classes = class_incremental_with_transforms(
+        train, test, class_order, tasks, train_transform, eval_transform
+    )
+    return Scenario(
+        name=name,
+        benchmark=benchmark,
+        classes_per_experience=classes,
+        class_names=class_names,
+        modality="vision",
+        details={
+            **split_details(tasks),
+            "data_folder": data_folder,
+            **(extra_details or {}),
+            "class_order": class_order,
+            "class_order_kind": class_order_kind,
+            "seed": seed,
+            "counts": {"train": len(train), "test": len(test)},
+            "input_size": tuple(encoder.input_size),
+            "train_transform": repr(train_transform),
+            "eval_transform": repr(eval_transform),
+        },
+    )
