@@ -19,9 +19,16 @@ from clbench.errors import UsageError
 C = TypeVar("C")
 
 
-def option(default: Any, help: str, *, symbol: str | None = None) -> Any:
-    """A dataclass field with help text (and the paper's symbol, where it has one)."""
-    metadata = {"help": help, "symbol": symbol}
+def option(default: Any, help: str, *, symbol: str | None = None, quirk: str | None = None) -> Any:
+    """A dataclass field with help text (and the paper's symbol, where it has one).
+
+    ``quirk`` marks an option that reproduces a behaviour of the authors' official code
+    which their paper does not describe (a prefix layout, a batch-wise vote, a learning
+    rate scaling ...); its text says where that code does it. The default of such an
+    option is always the method as the paper describes it, so a run that sets one is
+    marked in ``clbench show`` and ``clbench table`` (see :func:`authors_quirks`).
+    """
+    metadata = {"help": help, "symbol": symbol, "quirk": quirk}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -50,8 +57,23 @@ def describe(options_class: type) -> list[tuple[str, str, Any, str]]:
         help_text = f.metadata.get("help", "")
         if symbol:
             help_text = f"({symbol}) {help_text}"
+        if f.metadata.get("quirk"):
+            help_text = f"{help_text} [authors' quirk: {f.metadata['quirk']}]"
         rows.append((f.name, _type_name(hints[f.name]), default, help_text))
     return rows
+
+
+def authors_quirks(options: Any, prefix: str = "") -> list[str]:
+    """The quirk options (see :func:`option`) of ``options`` that differ from their default,
+    as ``--set`` names them (``prefix`` + name): what marks a run as the authors' code."""
+    changed = []
+    for f in fields(options):
+        if not f.metadata.get("quirk"):
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        if getattr(options, f.name) != default:
+            changed.append(prefix + f.name)
+    return changed
 
 
 def _type_name(tp: Any) -> str:

@@ -29,7 +29,7 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from clbench import __version__
-from clbench.config import apply_overrides
+from clbench.config import apply_overrides, authors_quirks
 from clbench.errors import UsageError
 from clbench.registry import BACKBONES, SCENARIOS, load_strategy_class, options_class
 from clbench.results import ExperienceRecord, RunFolder
@@ -74,9 +74,13 @@ SCENARIO_PRESET_PREFIX = "scenario."
 
 
 def resolve_preset(
-    strategy_class: type[CLStrategy], preset: str, scenario: str
+    strategy_class: type[CLStrategy], preset: str, scenario: str, protocol: str = ""
 ) -> tuple[str, dict[str, Any]]:
     """``auto`` = the strategy's preset named after the scenario if it has one, else defaults.
+
+    ``authors`` = the authors' official code's settings for this scenario: the preset
+    ``authors:<scenario>``, else ``authors:<protocol>`` (the paper protocol the scenario
+    follows, so fewrel-offline takes the fewrel one); the name recorded is the one found.
 
     The values keep their keys: strategy hyper-parameters bare, scenario options as
     ``scenario.<option>`` (see :func:`split_preset`).
@@ -86,12 +90,37 @@ def resolve_preset(
         preset = scenario if scenario in presets else "default"
     if preset == "default":
         return preset, {}
+    if preset == AUTHORS_PRESET:
+        return _authors_preset(strategy_class, scenario, protocol)
     if preset not in presets:
         valid = ", ".join(["auto", "default", *sorted(presets)])
         raise UsageError(
             f"unknown preset {preset!r} for {strategy_class.name}; valid choices: {valid}"
         )
     return preset, dict(presets[preset])
+
+
+AUTHORS_PRESET = "authors"
+
+
+def authors_preset_name(scenario: str) -> str:
+    return f"{AUTHORS_PRESET}:{scenario}"
+
+
+def _authors_preset(
+    strategy_class: type[CLStrategy], scenario: str, protocol: str
+) -> tuple[str, dict[str, Any]]:
+    presets = strategy_class.presets
+    for name in (authors_preset_name(scenario), authors_preset_name(protocol)):
+        if name in presets:
+            return name, dict(presets[name])
+    prefix = authors_preset_name("")
+    known = sorted(p.removeprefix(prefix) for p in presets if p.startswith(prefix))
+    where = ", ".join(known) if known else "none"
+    raise UsageError(
+        f"{strategy_class.name} has no authors preset for scenario {scenario!r}; "
+        f"scenarios with one: {where}"
+    )
 
 
 def split_preset(
@@ -120,7 +149,9 @@ def resolve_run(request: RunRequest) -> dict[str, Any]:
     spec: ScenarioSpec = SCENARIOS.spec(request.scenario)
     backbone = request.backbone or spec.default_backbone
     backbone_factory = BACKBONES.get(backbone)
-    preset, preset_values = resolve_preset(strategy_class, request.preset, request.scenario)
+    preset, preset_values = resolve_preset(
+        strategy_class, request.preset, request.scenario, spec.protocol
+    )
     scenario_defaults = options_class(scenario_factory)()
     preset_strategy, preset_scenario = split_preset(
         preset_values, {f.name for f in fields(scenario_defaults)}
@@ -142,6 +173,7 @@ def resolve_run(request: RunRequest) -> dict[str, Any]:
         options_class(backbone_factory)(), request.backbone_overrides, what=f"backbone {backbone}"
     )
     # checks that need no data (task counts, class orders) refuse before a folder exists
+    _check_at_least_one(strategy_config, ("epochs", "batch_size", "eval_batch_size"))
     if spec.check_options is not None:
         spec.check_options(scenario_options)
     if request.evaluate not in EVALUATE_CHOICES:
@@ -165,7 +197,22 @@ def resolve_run(request: RunRequest) -> dict[str, Any]:
         "scenario_protocol": spec.protocol or request.scenario,
         "metrics": list(spec.metrics),
         "evaluate": request.evaluate,
+        # options that reproduce the authors' code rather than their paper (tables mark them)
+        "authors_quirks": [
+            *authors_quirks(strategy_config),
+            *authors_quirks(scenario_options, "scenario."),
+            *authors_quirks(backbone_options, "backbone."),
+        ],
     }
+
+
+def _check_at_least_one(options: Any, names: tuple[str, ...]) -> None:
+    """Zero epochs would make a "complete" run that trained nothing; a zero batch size a
+    torch traceback deep in the data loader."""
+    for name in names:
+        value = getattr(options, name, None)
+        if isinstance(value, int) and value < 1:
+            raise UsageError(f"{name}={value}: must be at least 1")
 
 
 def new_run_folder(out: Path, config: dict[str, Any]) -> RunFolder:

@@ -162,6 +162,9 @@ def test_a_killed_run_resumes_to_the_same_matrix(tmp_path):
     (folder_path,) = run_dirs(killed_out)
     finished = len(RunFolder(folder_path).records())
     assert 2 <= finished < 5
+    # its status still says "running", but its process is gone: read as dead
+    status = RunFolder(folder_path).status()
+    assert status["state"] == "dead" and "--resume" in status["error"]
     resumed = subprocess.run(
         _clbench("run", "--resume", str(folder_path)),
         env=environment,

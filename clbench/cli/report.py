@@ -72,8 +72,31 @@ def _selection_parent() -> argparse.ArgumentParser:
 
 def selection(args: argparse.Namespace) -> tuple[list[Path], dict[str, list[str]]]:
     """The folders to read and the filters, from the shared arguments."""
-    paths = args.results or [results_root()]
+    paths = args.results or _default_results()
     return paths, {key: comma_list(getattr(args, key)) for key, _ in SELECTION_KEYS}
+
+
+# Shipped with the repository under results/: the example runs and the published numbers.
+# With no folder named, the user's own runs under ./results are shown without them.
+SHIPPED_FOLDERS = ("examples", "reference")
+
+
+def _default_results() -> list[Path]:
+    root = results_root()
+    if not root.is_dir():
+        return [root]  # the reader says it does not exist
+    mine = sorted(
+        entry for entry in root.iterdir()
+        if entry.is_dir() and entry.name not in SHIPPED_FOLDERS and not entry.name.startswith(".")
+    )  # fmt: skip
+    if mine:
+        return mine
+    if any((root / name).is_dir() for name in SHIPPED_FOLDERS):
+        raise UsageError(
+            f"no runs of yours under {root}/ yet (the shipped example runs are in "
+            f"{root / 'examples'}: give that folder to see them)"
+        )
+    return [root]
 
 
 def _row_options(args: argparse.Namespace) -> Any:

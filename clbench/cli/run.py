@@ -191,6 +191,12 @@ def command_show(args: argparse.Namespace) -> int:
         f"backbone {config['backbone']} | seed {config['seed']} | preset {config['preset']} | "
         f"status {folder.status().get('state')}"
     )
+    if config.get("authors_quirks"):
+        print("  authors' code quirks: " + ", ".join(config["authors_quirks"]))
+    for component in ("strategy", "scenario", "backbone"):
+        options = config.get(f"{component}_options") or {}
+        if options:
+            print(f"  {component} options: " + _options_text(options))
     if not records:
         print("  no finished experience yet")
         return 0
@@ -213,6 +219,18 @@ def command_show(args: argparse.Namespace) -> int:
         f"peak memory {summary['peak_memory_mb']:.0f} MB"
     )
     return 0
+
+
+def _options_text(options: dict[str, object]) -> str:
+    """``key=value`` pairs in the --set spelling, wrapped under the label."""
+    pairs = [f"{key}={value}" for key, value in options.items()]
+    lines, line = [], ""
+    for pair in pairs:
+        if line and len(line) + len(pair) > 76:
+            lines.append(line)
+            line = ""
+        line = f"{line} {pair}" if line else pair
+    return "\n      ".join([*lines, line])
 
 
 def _matrix_cell(accuracy: float | None) -> str:

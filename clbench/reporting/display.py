@@ -14,7 +14,14 @@ from pathlib import Path
 import pandas as pd
 
 from clbench.reporting.reference import load_reference, reference_comparison
-from clbench.reporting.runs import INTERNAL_COLUMNS, display_value, filter_runs, load_runs
+from clbench.reporting.runs import (
+    AUTHORS_MARK,
+    AUTHORS_NOTE,
+    INTERNAL_COLUMNS,
+    display_value,
+    filter_runs,
+    load_runs,
+)
 from clbench.reporting.summary import (
     EXCLUSION_REASONS,
     METRICS,
@@ -163,6 +170,8 @@ def _main_notes(
         notes.append("setting: the options in which runs of the same method differ.")
     if summary["protocol"].nunique() > 1:
         notes.append("runs of different protocol versions are never averaged together.")
+    if summary["strategy"].astype(str).str.endswith(AUTHORS_MARK).any():
+        notes.append(AUTHORS_NOTE)
     notes.append("runs: " + run_counts_text(runs) + ".")
     return notes
 

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 
 from clbench.errors import UsageError
-from clbench.reporting.runs import matches_any
+from clbench.reporting.runs import AUTHORS_MARK, matches_any
 from clbench.reporting.summary import METRICS, TableOptions
 
 REFERENCE_REQUIRED = ("source", "scenario", "backbone", "method", "metric", "value")
@@ -119,7 +119,8 @@ def reference_comparison(
     for _, paper in papers.iterrows():
         matches = ours[
             (ours["scenario_protocol"] == paper["scenario"])
-            & (ours["strategy"] == paper["strategy"])
+            # a run with the authors' code's quirks is compared with the same paper row
+            & (ours["strategy"].astype(str).str.removesuffix(AUTHORS_MARK) == paper["strategy"])
         ]
         if matches.empty:
             rows.append(_comparison_row(None, paper))
@@ -150,7 +151,7 @@ def _comparison_row(row: pd.Series | None, paper: pd.Series) -> dict[str, Any]:
     if paper["note"]:
         note += f" ({paper['note']})"
     return dict(
-        **ours, strategy=paper["strategy"], metric=metric, ours_mean=mean, ours_std=std,
+        **ours, strategy=paper["strategy"] if row is None else row["strategy"], metric=metric, ours_mean=mean, ours_std=std,
         seeds=seeds, published=paper["value"], published_std=paper["std"],
         difference=mean - paper["value"], method=paper["method"], source=paper["source"],
         arxiv=paper["arxiv"], table=paper["table"], paper_seeds=paper["seeds"],

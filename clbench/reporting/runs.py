@@ -30,6 +30,12 @@ from clbench.results.folder import (
 )
 
 AVERAGED_STATE = "complete"
+# appended to the strategy of a run with authors'-code quirk options set (its own row)
+AUTHORS_MARK = " (authors' code)"
+AUTHORS_NOTE = (
+    "(authors' code): runs with options that reproduce the authors' official code rather "
+    "than the paper (`clbench show RUN` names them)."
+)
 FILTER_KEYS = ("scenario", "backbone", "strategy", "seed", "protocol")
 
 # Options that do not change results (how fast evaluation runs) or that name a file on one
@@ -120,7 +126,8 @@ def read_run(path: Path, *, with_matrix: bool = False) -> dict[str, Any]:
         facts = scenario_facts(config)
         record.update(
             scenario=str(config["scenario"]),
-            strategy=strategy_label(str(config["strategy"])),
+            strategy=strategy_label(str(config["strategy"]))
+            + (AUTHORS_MARK if config.get("authors_quirks") else ""),
             backbone=str(config["backbone"]),
             seed=None if config.get("seed") is None else int(config["seed"]),
             protocol=str(config.get("protocol_version", "?")),

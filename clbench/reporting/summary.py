@@ -28,7 +28,15 @@ from clbench.errors import UsageError
 from clbench.reporting.runs import AVERAGED_STATE
 
 # Order in which "not averaged" reasons are listed.
-EXCLUSION_REASONS = ("running", "interrupted", "failed", "unknown", "unreadable", "duplicate seed")
+EXCLUSION_REASONS = (
+    "running",
+    "dead",
+    "interrupted",
+    "failed",
+    "unknown",
+    "unreadable",
+    "duplicate seed",
+)
 ROW_KEYS = ("scenario", "backbone", "strategy")
 DEFAULT_GROUP_BY = ROW_KEYS
 

@@ -10,6 +10,8 @@ this module as fast as Python starts (the checkpoint lives in
 from __future__ import annotations
 
 import json
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,10 @@ PROGRESS = "progress.json"
 METRICS = "metrics.json"
 ACCURACY_MATRIX = "accuracy_matrix.csv"
 STATUS = "status.json"
+# A "running" status names the process that wrote it; read back on that host after the
+# process is gone (kill -9, a killed sweep, a lost shell) it reads as DEAD_STATE.
+RUNNING_STATE = "running"
+DEAD_STATE = "dead"
 
 # The family a run made before config.json recorded one is taken to belong to.
 LEGACY_FAMILY = "vision"
@@ -104,6 +110,8 @@ class RunFolder:
         atomic_write_json(self.path / ENVIRONMENT, environment(device), indent=2)
 
     def set_status(self, state: str, **details: Any) -> None:
+        if state == RUNNING_STATE:
+            details = {"pid": os.getpid(), "host": socket.gethostname(), **details}
         atomic_write_json(self.path / STATUS, {"state": state, **details}, indent=2)
 
     def append_record(self, record: ExperienceRecord) -> None:
@@ -149,11 +157,20 @@ class RunFolder:
         return self.read_json(ENVIRONMENT)
 
     def status(self) -> dict[str, Any]:
-        """``{"state": "unknown"}`` before the run loop wrote one."""
+        """``{"state": "unknown"}`` before the run loop wrote one; ``dead`` for a run left
+        "running" by a process of this host that no longer exists."""
         try:
-            return self.read_json(STATUS)
+            status = self.read_json(STATUS)
         except FileNotFoundError:
             return {"state": "unknown"}
+        if status.get("state") == RUNNING_STATE and _writer_is_gone(status):
+            status = {
+                **status,
+                "state": DEAD_STATE,
+                "error": f"process {status['pid']} on {status['host']} ended without a word "
+                f"(killed?); resume with: clbench run --resume {self.path}",
+            }
+        return status
 
     def records(self) -> list[ExperienceRecord]:
         """The finished experiences, in order; [] before the first one finishes."""
@@ -173,6 +190,21 @@ class RunFolder:
     def accuracy_matrix(self) -> np.ndarray:
         """A[t, i] in %, NaN where test experience i was not evaluated after t."""
         return _matrix([r.accuracy for r in self.records()])
+
+
+def _writer_is_gone(status: dict[str, Any]) -> bool:
+    """True when the status names a process of this host that does not exist (a run on
+    another host, or one recorded before statuses named their process, is taken as alive)."""
+    pid, host = status.get("pid"), status.get("host")
+    if not isinstance(pid, int) or host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # exists, owned by someone else
+        return False
+    return False
 
 
 def _matrix(rows: Sequence[Sequence[float | int | None]]) -> np.ndarray:
