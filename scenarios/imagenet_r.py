@@ -45,11 +45,12 @@ from clbench.data.splits import (
 )
 from clbench.data.vision import (
     ClassOrder,
+    Normalization,
     image_scenario,
+    normalize_option,
     require_vision_encoder,
     resolve_class_order,
-    vit_eval_transform,
-    vit_train_transform,
+    vit_transforms,
 )
 from clbench.errors import DataNotFoundError, UsageError
 from clbench.fileio import atomic_write_text
@@ -96,6 +97,7 @@ class ImageNetROptions(TaskSplitOptions, Options):
         True,
         "RandomResizedCrop(scale=(crop_scale_min, 1)) + flip for training (false: test transform)",
     )
+    normalize: Normalization = normalize_option()
     crop_scale_min: float = option(0.05, "smallest crop area fraction of RandomResizedCrop")
     download: bool = option(True, "download the data into the data root when it is missing")
     url: str = option(IMAGENET_R_URL, "where to download imagenet-r.tar from")
@@ -261,11 +263,12 @@ def imagenet_r(options: ImageNetROptions, encoder: Any, seed: int) -> Scenario:
         return ImageFileDataset(images, paths, [class_id[p.split("/", 1)[0]] for p in paths])
 
     train, test = dataset(split["train"]), dataset(split["test"])
-    eval_transform = vit_eval_transform(size, encoder.mean, encoder.std)
-    train_transform = (
-        vit_train_transform(size, encoder.mean, encoder.std, (options.crop_scale_min, 1.0))
-        if options.augment
-        else eval_transform
+    train_transform, eval_transform = vit_transforms(
+        size,
+        encoder,
+        options.normalize,
+        augment=options.augment,
+        crop_scale=(options.crop_scale_min, 1.0),
     )
     announce("imagenet-r", tasks)
     return image_scenario(

@@ -28,11 +28,12 @@ from clbench.data.splits import (
 )
 from clbench.data.vision import (
     ClassOrder,
+    Normalization,
     image_scenario,
+    normalize_option,
     require_vision_encoder,
     resolve_class_order,
-    vit_eval_transform,
-    vit_train_transform,
+    vit_transforms,
 )
 from clbench.errors import DataNotFoundError
 from clbench.registry import SCENARIOS
@@ -75,6 +76,7 @@ class SplitCIFAR100Options(TaskSplitOptions, Options):
     augment: bool = option(
         True, "RandomResizedCrop + flip on training images (false: the test transform)"
     )
+    normalize: Normalization = normalize_option()
     download: bool = option(True, "download the data into the data root when it is missing")
     url: str = option(CIFAR100_URL, "where to download cifar-100-python.tar.gz from")
     md5: str = option(CIFAR100_MD5, "md5 of the archive at url")
@@ -136,9 +138,8 @@ def split_cifar100(options: SplitCIFAR100Options, encoder: Any, seed: int) -> Sc
     data = load_cifar100(folder)
     if sorted(set(data.train_labels.tolist())) != list(range(CIFAR100_CLASSES)):
         raise DataNotFoundError(f"{folder}/train does not hold all 100 classes")
-    eval_transform = vit_eval_transform(size, encoder.mean, encoder.std)
-    train_transform = (
-        vit_train_transform(size, encoder.mean, encoder.std) if options.augment else eval_transform
+    train_transform, eval_transform = vit_transforms(
+        size, encoder, options.normalize, augment=options.augment
     )
     train = TensorClassificationDataset(data.train_images, data.train_labels)
     test = TensorClassificationDataset(data.test_images, data.test_labels)

@@ -23,8 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from clbench.config import Options, option
-from clbench.data.archive import ArchiveData
-from clbench.data.download import DataStatus, ProgressCallback
+from clbench.data.cub_files import (  # torch-free: `clbench list` probes with them
+    CUB,
+    CUB_MD5,
+    CUB_URL,
+    SCENARIO,
+    cub_data_status,
+)
+from clbench.data.download import ProgressCallback
 from clbench.data.images import ImageFileDataset
 from clbench.data.splits import (
     TaskSplitOptions,
@@ -36,34 +42,18 @@ from clbench.data.splits import (
 )
 from clbench.data.vision import (
     ClassOrder,
+    Normalization,
     image_scenario,
+    normalize_option,
     require_vision_encoder,
     resolve_class_order,
-    vit_eval_transform,
-    vit_train_transform,
+    vit_transforms,
 )
 from clbench.errors import DataNotFoundError, UsageError
 from clbench.registry import SCENARIOS
 from clbench.scenario import Scenario, ScenarioSpec, default_data_root
 
-SCENARIO = "split-cub200"
-CUB_URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
-CUB_MD5 = "97eceeb196236b17998738112f37df78"
-CUB_TOP_LEVEL = "CUB_200_2011"
 CUB_CLASSES = 200
-METADATA = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")
-
-CUB = ArchiveData(
-    title="CUB-200-2011",
-    scenario=SCENARIO,
-    folder_name="cub200",
-    archive="CUB_200_2011.tgz",
-    top_level=CUB_TOP_LEVEL,
-    extracted=CUB_TOP_LEVEL,
-    url=CUB_URL,
-    md5=CUB_MD5,
-    size="1.1 GB",
-)
 
 
 @dataclass
@@ -78,6 +68,7 @@ class SplitCUB200Options(TaskSplitOptions, Options):
     augment: bool = option(
         True, "RandomResizedCrop(scale=(crop_scale_min, 1)) + flip for training images"
     )
+    normalize: Normalization = normalize_option()
     crop_scale_min: float = option(0.05, "smallest crop area fraction (HiDe-Prompt's 0.05)")
     data_folder: str | None = option(
         None, "an extracted CUB_200_2011 folder to use as it is (instead of the data root's)"
@@ -88,15 +79,6 @@ class SplitCUB200Options(TaskSplitOptions, Options):
 
 
 # ------------------------------------------------------------------------------ data
-
-
-def cub_data_status(options: SplitCUB200Options, data_root: Path) -> DataStatus:
-    if options.data_folder is not None:
-        folder = Path(options.data_folder).expanduser()
-        present = all((folder / name).is_file() for name in METADATA)
-        how = f"give an extracted {CUB_TOP_LEVEL} folder (with {', '.join(METADATA)})"
-        return DataStatus(present, folder, how)
-    return CUB.status(options, data_root)
 
 
 def fetch_cub(
@@ -221,11 +203,12 @@ def split_cub200(options: SplitCUB200Options, encoder: Any, seed: int) -> Scenar
     images = folder / "images"
     train = ImageFileDataset(images, listing.train_files, listing.train_labels)
     test = ImageFileDataset(images, listing.test_files, listing.test_labels)
-    eval_transform = vit_eval_transform(size, encoder.mean, encoder.std)
-    train_transform = (
-        vit_train_transform(size, encoder.mean, encoder.std, (options.crop_scale_min, 1.0))
-        if options.augment
-        else eval_transform
+    train_transform, eval_transform = vit_transforms(
+        size,
+        encoder,
+        options.normalize,
+        augment=options.augment,
+        crop_scale=(options.crop_scale_min, 1.0),
     )
     announce(SCENARIO, tasks)
     return image_scenario(

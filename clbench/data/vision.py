@@ -4,6 +4,13 @@ train / eval transforms and the class-incremental benchmark with transform group
 Images stay uint8 in memory; resizing and augmentation run per item, in the DataLoader's
 worker processes, through Avalanche transform groups ("train" augments, "eval" does
 Resize(256/224 x size) + CenterCrop(size), as for ImageNet).
+
+Input normalisation is a scenario option (``normalize``). The default feeds the backbone
+what its weights were trained with (its own mean / std); the authors' codes do not, and
+their numbers were made with what they do (fidelity-prompt-family.md H25, L11, C10):
+HiDe-Prompt, NoRGa and hier-OT normalise CIFAR-100 with CIFAR-100's own mean / std and
+leave ImageNet-R, CUB-200 and 5-datasets in [0, 1]; L2P / DualPrompt (JAX) use [0, 1];
+CODA-Prompt's mean 0 / std 1 is [0, 1] too.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from typing import Any, Literal
 
 import torch
 
+from clbench.config import option
 from clbench.data.splits import TaskSplit, split_details
 from clbench.errors import UsageError
 from clbench.scenario import Scenario, seeded_class_order, split_into_tasks
@@ -42,37 +50,100 @@ def resolve_class_order(kind: str, num_classes: int, seed: int) -> list[int]:
     raise UsageError(f"unknown class_order {kind!r}; expected one of {', '.join(CLASS_ORDERS)}")
 
 
-def vit_train_transform(
-    size: tuple[int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    scale: tuple[float, float] = (0.08, 1.0),
-) -> Any:
-    """RandomResizedCrop(size, scale) + horizontal flip, on uint8 [3, H, W] tensors."""
+Normalization = Literal["backbone", "cifar100", "none"]
+NORMALIZATIONS: tuple[str, ...] = ("backbone", "cifar100", "none")
+# CIFAR-100's training-set statistics, as HiDe-Prompt's / NoRGa's datasets.py write them
+CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
+CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+Statistics = tuple[Sequence[float], Sequence[float]]
+
+
+def normalize_option() -> Any:
+    """The ``normalize`` option every image scenario declares."""
+    return option(
+        "backbone",
+        "input normalisation: backbone = the backbone's own mean / std (what its weights "
+        "were trained with); cifar100 = CIFAR-100's mean / std; none = pixels in [0, 1]",
+        quirk="the authors' codes normalise per data set, not per backbone: HiDe-Prompt / "
+        "NoRGa / hier-OT datasets.py use cifar100 on CIFAR-100 and none on ImageNet-R, "
+        "CUB-200 and 5-datasets; L2P / DualPrompt (JAX norm_01) and CODA-Prompt use none",
+    )
+
+
+def input_statistics(normalization: str, encoder: Any) -> Statistics | None:
+    """(mean, std) to normalise [0, 1] pixels with; None: leave them in [0, 1]."""
+    if normalization == "backbone":
+        return tuple(encoder.mean), tuple(encoder.std)
+    if normalization == "cifar100":
+        return CIFAR100_MEAN, CIFAR100_STD
+    if normalization == "none":
+        return None
+    raise UsageError(
+        f"unknown normalize {normalization!r}; expected one of {', '.join(NORMALIZATIONS)}"
+    )
+
+
+def _to_model_input(statistics: Statistics | None) -> list[Any]:
     from torchvision.transforms import v2
 
+    steps: list[Any] = [v2.ToDtype(torch.float32, scale=True)]  # uint8 -> [0, 1]
+    if statistics is not None:
+        steps.append(v2.Normalize(list(statistics[0]), list(statistics[1])))
+    return steps
+
+
+def vit_train_transform(
+    size: tuple[int, int],
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    scale: tuple[float, float] = (0.08, 1.0),
+) -> Any:
+    """RandomResizedCrop(size, scale) + horizontal flip, on uint8 [3, H, W] tensors
+    (``mean`` None: the pixels stay in [0, 1])."""
+    from torchvision.transforms import v2
+
+    statistics = None if mean is None or std is None else (mean, std)
     return v2.Compose(
         [
             v2.RandomResizedCrop(size, scale=scale, antialias=True),
             v2.RandomHorizontalFlip(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
+            *_to_model_input(statistics),
         ]
     )
 
 
-def vit_eval_transform(size: tuple[int, int], mean: Sequence[float], std: Sequence[float]) -> Any:
+def vit_eval_transform(
+    size: tuple[int, int], mean: Sequence[float] | None, std: Sequence[float] | None
+) -> Any:
     """Resize the short side to 256/224 of the input size, then a centre crop (ImageNet's)."""
     from torchvision.transforms import v2
 
+    statistics = None if mean is None or std is None else (mean, std)
     return v2.Compose(
         [
             v2.Resize(round(min(size) * 256 / 224), antialias=True),
             v2.CenterCrop(size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(list(mean), list(std)),
+            *_to_model_input(statistics),
         ]
     )
+
+
+def vit_transforms(
+    size: tuple[int, int],
+    encoder: Any,
+    normalization: str,
+    *,
+    augment: bool,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+) -> tuple[Any, Any]:
+    """(train, eval) transforms of an image scenario; without ``augment`` the training
+    images get the eval transform."""
+    statistics = input_statistics(normalization, encoder)
+    mean, std = statistics if statistics is not None else (None, None)
+    eval_transform = vit_eval_transform(size, mean, std)
+    if not augment:
+        return eval_transform, eval_transform
+    return vit_train_transform(size, mean, std, crop_scale), eval_transform
 
 
 def class_incremental_with_transforms(

@@ -7,11 +7,14 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import Mlp
 from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor
+from torch import Tensor, nn
 
-from clbench.encoders.attention import PrefixGate, prompted_attention
+from clbench.encoders.attention import LayerPrompt, join, prompted_attention
 from clbench.encoders.base import PromptableEncoder
+from clbench.encoders.checkpoints import load_vit_weights
+from clbench.encoders.deltas import MLP_TARGETS, QKV, LayerDelta, check_target, project
 from clbench.errors import UsageError
 
 
@@ -46,27 +49,82 @@ class ViTEncoder(PromptableEncoder):
         hidden = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
         return hidden, None
 
-    def run_block(
-        self,
-        index: int,
-        hidden: Tensor,
-        context: Any,
-        prefix: Tensor | None,
-        gate: PrefixGate | None,
-    ) -> Tensor:
+    def run_block(self, index: int, hidden: Tensor, context: Any, layer: LayerPrompt) -> Tensor:
         block: Any = self.model.blocks[index]  # a timm Block (nn.Module attributes are untyped)
-        attn = block.attn
+        attn, delta = block.attn, layer.delta
         normed = block.norm1(hidden)
         batch, length, _ = normed.shape
-        qkv = attn.qkv(normed).reshape(batch, length, 3, attn.num_heads, attn.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
-        out = prompted_attention(q, k, v, prefix=prefix, gate=gate)
+        q, k, v = self._query_key_value(block, normed, delta)
+        prefix = layer.prefix
+        if layer.kv_tokens is not None:
+            tokens = layer.kv_tokens.to(hidden.dtype)
+            prefix = join(prefix, self._key_value_prefix(block, tokens, delta), dim=2)
+        out = prompted_attention(q, k, v, prefix=prefix, gate=layer.gate)
         out = attn.norm(out.transpose(1, 2).reshape(batch, length, -1))
         if getattr(attn, "gate", None) is not None:  # timm's own output gate, if the model has one
             out = out * attn.gate(normed).sigmoid()
-        hidden = hidden + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(out))))
-        return hidden + block.drop_path2(block.ls2(block.mlp(block.norm2(hidden))))
+        out = project(attn.proj, out, delta, "o")
+        hidden = hidden + block.drop_path1(block.ls1(attn.proj_drop(out)))
+        if delta is not None and delta.touches(MLP_TARGETS):
+            mlp_out = self._adapted_mlp(block.mlp, block.norm2(hidden), delta)
+        else:
+            mlp_out = block.mlp(block.norm2(hidden))
+        return hidden + block.drop_path2(block.ls2(mlp_out))
+
+    @staticmethod
+    def _query_key_value(
+        block: Any, normed: Tensor, delta: LayerDelta | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v [B, H, N, dh] from timm's fused qkv (each third with its own delta)."""
+        attn = block.attn
+        length = normed.shape[1]
+        if delta is None or not delta.touches(QKV):
+            qkv = attn.qkv(normed)
+        else:
+            qkv = delta.project_fused(attn.qkv, normed, QKV)
+        qkv = qkv.reshape(qkv.shape[0], length, 3, attn.num_heads, attn.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return attn.q_norm(q), attn.k_norm(k), v
+
+    def _key_value_prefix(self, block: Any, tokens: Tensor, delta: LayerDelta | None) -> Tensor:
+        """Key/value-only tokens [b, Lk, D] -> prefix [b, 2, Lk, D] through the block's
+        own norm1, qkv (k / v thirds, their deltas) and k_norm: exactly what the block
+        computes for a VPT-deep prompt token inserted into its input."""
+        _, keys, values = self._query_key_value(block, block.norm1(tokens), delta)
+        b, _, lk, _ = keys.shape
+        # [b, H, Lk, dh] -> [b, Lk, D]: split_prefix re-splits D into heads the same way
+        keys = keys.transpose(1, 2).reshape(b, lk, -1)
+        values = values.transpose(1, 2).reshape(b, lk, -1)
+        return torch.stack([keys, values], dim=1)
+
+    @staticmethod
+    def _adapted_mlp(mlp: Any, x: Tensor, delta: LayerDelta) -> Tensor:
+        """timm's ``Mlp.forward`` written out, so fc1 / fc2 take their deltas."""
+        fc1, fc2 = getattr(mlp, "fc1", None), getattr(mlp, "fc2", None)
+        if (
+            not isinstance(mlp, Mlp)
+            or not isinstance(fc1, nn.Linear)
+            or not isinstance(fc2, nn.Linear)
+        ):
+            raise UsageError(
+                f"fc1 / fc2 deltas need timm's Mlp with Linear layers in every block; this "
+                f"model has {type(mlp).__name__} (adapt q, k, v or o instead)"
+            )
+        x = mlp.drop1(mlp.act(project(fc1, x, delta, "fc1")))
+        return mlp.drop2(project(fc2, mlp.norm(x), delta, "fc2"))
+
+    def projection_weight(self, index: int, target: str) -> Tensor:
+        check_target(target)
+        block: Any = self.model.blocks[index]
+        if target in QKV:
+            width = block.attn.qkv.out_features // 3
+            start = QKV.index(target) * width
+            return block.attn.qkv.weight.detach()[start : start + width]
+        if target == "o":
+            return block.attn.proj.weight.detach()
+        if not isinstance(block.mlp, Mlp):
+            raise UsageError(f"{type(block.mlp).__name__} has no fc1 / fc2 to adapt")
+        return getattr(block.mlp, target).weight.detach()
 
     def finish(self, hidden: Tensor) -> Tensor:
         return self.model.norm(hidden)
@@ -113,45 +171,10 @@ def create_vit(
 
 
 def load_checkpoint_strictly(model: VisionTransformer, path: Path) -> None:
-    """Load a local weights file into ``model``; every key must match.
+    """Load a local timm-format weights file into ``model``; every key must match.
 
     timm's own pretrained loader only warns about unexpected keys, which turns a wrong
-    checkpoint into a silently half-random model; here it is an error. Accepted: a plain
-    state dict or one under "model" / "state_dict" (torch, safetensors), timm's .npz
-    format, with timm's ViT conversions (e.g. position-embedding resizing) applied. The
-    classifier head is dropped on purpose: a frozen encoder has no head.
+    checkpoint into a silently half-random model; here it is an error. The formats and
+    the checks are :mod:`clbench.encoders.checkpoints` (other publishers' layouts too).
     """
-    from timm.models.vision_transformer import checkpoint_filter_fn
-
-    if not path.is_file():
-        raise UsageError(f"ViT checkpoint {path} does not exist (backbone.checkpoint)")
-    if path.suffix == ".npz":
-        model.load_pretrained(str(path))  # timm's strict JAX-format loader
-        return
-    state: Any
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper in ("model", "state_dict"):
-        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
-            state = state[wrapper]
-    state = {key.removeprefix("module."): value for key, value in state.items()}
-    state = checkpoint_filter_fn(state, model)
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise UsageError(f"checkpoint {path} does not match the model: {error}") from error
-    if missing or unexpected:
-        raise UsageError(
-            f"checkpoint {path} does not match the model: missing keys {_preview(missing)}, "
-            f"unexpected keys {_preview(unexpected)}"
-        )
-
-
-def _preview(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)})"
+    load_vit_weights(model, path, "timm")
