@@ -1,6 +1,7 @@
 """The one attention code path that every prompt method changes.
 
-Prompt methods in scope alter a frozen transformer's self-attention in three ways:
+Prompt methods in scope alter a frozen transformer's self-attention in these ways, all
+ending in the single :func:`prompted_attention` call of each block:
 
 * **prefixes** (prefix tuning: DualPrompt, CODA-Prompt, HiDe-Prompt, NoRGa, WAVE-CRE):
   extra keys and values that every query token attends to;
@@ -8,7 +9,17 @@ Prompt methods in scope alter a frozen transformer's self-attention in three way
   they are ordinary tokens once inserted;
 * a **gate on the prefix logits** (NoRGa): s -> s + alpha * act(tau * s) for the logits
   between query tokens and prefix keys only; token-to-token logits and prefix values
-  are unchanged and one softmax runs over [prefix ; tokens].
+  are unchanged and one softmax runs over [prefix ; tokens];
+* **key/value-only prompt tokens** (exact VPT-deep; 2410.02200's simple-share): tokens
+  passed through the block's own frozen norm and key / value projections and attended
+  to, never attending. A VPT-deep prompt token is replaced at the next layer, so its only
+  effect on the real tokens is through its key and value: these tokens are exactly
+  VPT-deep without lengthening the sequence. The block turns them into a prefix;
+* **per-layer generators** (VAPT): callables run on a block's input that return that
+  block's prefix / key-value tokens / delta (input-adaptive prompts);
+* **low-rank weight deltas** (LoRA family, :mod:`clbench.encoders.deltas`) on the q / k /
+  v projections, the attention output projection and the MLP linears, per sample where
+  tasks differ within a batch; the attention maths itself does not change.
 
 Without a gate the maths is plain attention over concatenated keys/values, so it runs
 through ``scaled_dot_product_attention`` (fused kernels on GPU); the gate needs the
@@ -20,13 +31,56 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clbench.encoders.deltas import LayerDelta, merge_deltas
+
 # Maps prefix logits [B, H, N, Lp] to gated logits of the same shape.
 PrefixGate = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class LayerPrompt:
+    """What one block receives: the layer's share of a :class:`Prompt`.
+
+    prefix: [B or 1, 2, Lp, D] keys (index 0) and values (index 1) in model space.
+    gate: applied to the logits of every prefix key (kv-token keys included).
+    kv_tokens: [B or 1, Lk, D] key/value-only tokens (see the module docstring).
+    delta: the block's low-rank / dense weight deltas.
+    """
+
+    prefix: Tensor | None = None
+    gate: PrefixGate | None = None
+    kv_tokens: Tensor | None = None
+    delta: LayerDelta | None = None
+
+    def merged(self, other: LayerPrompt) -> LayerPrompt:
+        """Both at once: prefixes and kv tokens concatenated, deltas summed; two gates on
+        one layer are an error."""
+        if self.gate is not None and other.gate is not None:
+            raise ValueError("two gates on one layer")
+        delta = self.delta
+        if other.delta is not None:
+            delta = other.delta if delta is None else delta.merged(other.delta)
+        return LayerPrompt(
+            prefix=join(self.prefix, other.prefix, dim=2),
+            gate=self.gate if self.gate is not None else other.gate,
+            kv_tokens=join(self.kv_tokens, other.kv_tokens, dim=1),
+            delta=delta,
+        )
+
+
+NO_LAYER_PROMPT = LayerPrompt()
+
+# A per-layer generator: (block input hidden [B, N, D], the encoder's per-batch context)
+# -> that block's LayerPrompt. ``hidden`` is the sequence as the block sees it: the
+# encoder's leading tokens ([CLS], registers: ``encoder.num_leading_tokens``), then the
+# prompt's input tokens (``Prompt.num_tokens``), then the input's own tokens.
+LayerGenerator = Callable[[Tensor, Any], LayerPrompt]
 
 
 @dataclass
@@ -40,31 +94,90 @@ class Prompt:
     tokens: [B or 1, Lt, D] prompt tokens inserted right after the encoder's leading
         special tokens ([CLS], register tokens) at the input.
     gates: layer index -> gate applied to that layer's prefix logits.
+    kv_tokens: layer index -> [B or 1, Lk, D] key/value-only tokens: the block projects
+        them with its own frozen norm and key / value weights (and the layer's k / v
+        deltas) into Lk more prefix positions. VPT-deep is ``kv_tokens`` on every layer.
+    generators: layer index -> :data:`LayerGenerator`, called by
+        ``PromptableEncoder.forward`` on the block's input right before the block; what
+        it returns joins the layer's static fields.
+    deltas: layer index -> :class:`~clbench.encoders.deltas.LayerDelta`, the weight
+        deltas of that block's projections.
 
-    Where the next kinds of prompt go (not implemented yet), so that every one of them
-    still ends in the single :func:`prompted_attention` call of each block:
-
-    * key/value-only prompt tokens (attended to, never attending): a field of
-      [B or 1, Lk, D] token states that ``run_block`` projects with the block's own frozen
-      key / value weights into a [B, 2, Lk, D] prefix, concatenated with ``prefixes[i]``
-      along Lp before the attention call;
-    * per-layer generators (prompts computed from each layer's input): a field of layer
-      index -> callable(hidden [B, N, D]) -> [B, 2, Lp, D], evaluated by
-      ``PromptableEncoder.forward`` before ``run_block`` and merged into that layer's
-      prefix the same way;
-    * low-rank weight deltas (LoRA-style updates of the frozen projections): a field of
-      layer index -> (A [D, r], B [r, D]) per projection, added as ``x @ A @ B`` to the
-      frozen q / k / v / output projections inside ``run_block``; the attention maths
-      does not change, so they also run through :func:`prompted_attention`.
+    Prefixes of a layer beyond the encoder's depth are skipped (prompt modules check
+    their layers); kv tokens, generators and deltas of such a layer are an error.
     """
 
     prefixes: dict[int, Tensor] = field(default_factory=dict)
     tokens: Tensor | None = None
     gates: dict[int, PrefixGate] = field(default_factory=dict)
+    kv_tokens: dict[int, Tensor] = field(default_factory=dict)
+    generators: dict[int, LayerGenerator] = field(default_factory=dict)
+    deltas: dict[int, LayerDelta] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
         return 0 if self.tokens is None else self.tokens.shape[1]
+
+    def layer(self, index: int) -> LayerPrompt:
+        """The static fields of layer ``index`` (generators run in the encoder)."""
+        return LayerPrompt(
+            prefix=self.prefixes.get(index),
+            gate=self.gates.get(index),
+            kv_tokens=self.kv_tokens.get(index),
+            delta=self.deltas.get(index),
+        )
+
+    def check_layers(self, num_layers: int) -> None:
+        for name in ("kv_tokens", "generators", "deltas"):
+            beyond = [layer for layer in getattr(self, name) if not 0 <= layer < num_layers]
+            if beyond:
+                raise ValueError(
+                    f"Prompt.{name} has layers {sorted(beyond)}; this encoder has layers "
+                    f"0..{num_layers - 1}"
+                )
+
+
+def join(first: Tensor | None, second: Tensor | None, dim: int) -> Tensor | None:
+    """Concatenate along ``dim``, broadcasting a batch dimension of 1; None is empty."""
+    if first is None:
+        return second
+    if second is None:
+        return first
+    return concat(first, second, dim)
+
+
+def concat(first: Tensor, second: Tensor, dim: int) -> Tensor:
+    """``torch.cat`` along ``dim``, broadcasting a batch dimension of 1."""
+    batch = max(first.shape[0], second.shape[0])
+    first = first.expand(batch, *first.shape[1:])
+    second = second.expand(batch, *second.shape[1:])
+    return torch.cat([first, second.to(first.dtype)], dim=dim)
+
+
+def merge_layer_fields(*prompts: Prompt) -> dict[str, Any]:
+    """The kv tokens, generators and deltas of several prompts as one prompt's fields
+    (for ``clbench.prompts.merge_prompts``): kv tokens concatenated, deltas summed, two
+    generators of one layer run both and their outputs merged."""
+    kv_tokens: dict[int, Tensor] = {}
+    generators: dict[int, LayerGenerator] = {}
+    for prompt in prompts:
+        for layer, tokens in prompt.kv_tokens.items():
+            if layer in kv_tokens:
+                tokens = concat(kv_tokens[layer], tokens, dim=1)
+            kv_tokens[layer] = tokens
+        for layer, generator in prompt.generators.items():
+            generators[layer] = (
+                _both(generators[layer], generator) if layer in generators else generator
+            )
+    deltas = merge_deltas(*(prompt.deltas for prompt in prompts))
+    return {"kv_tokens": kv_tokens, "generators": generators, "deltas": deltas}
+
+
+def _both(first: LayerGenerator, second: LayerGenerator) -> LayerGenerator:
+    def generate(hidden: Tensor, context: Any) -> LayerPrompt:
+        return first(hidden, context).merged(second(hidden, context))
+
+    return generate
 
 
 def split_prefix(prefix: Tensor, num_heads: int, batch_size: int) -> tuple[Tensor, Tensor]:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from clbench.encoders.attention import PrefixGate, Prompt
+from clbench.encoders.attention import NO_LAYER_PROMPT, LayerPrompt, Prompt
 
 
 @dataclass
@@ -33,12 +33,14 @@ class PromptableEncoder(nn.Module):
     """A frozen pretrained transformer whose attention a prompt can change.
 
     Subclasses implement ``embed`` (raw input -> token states + per-batch context),
-    ``run_block`` (one frozen block with an optional prefix / gate), ``finish`` (final
-    norm) and ``pool``. The frozen weights exist once; strategies share this module,
+    ``run_block`` (one frozen block with the layer's :class:`LayerPrompt`: prefix, gate,
+    key/value tokens, weight deltas), ``finish`` (final norm), ``pool`` and
+    ``projection_weight``. The frozen weights exist once; strategies share this module,
     and a prompt pool's query is this same module run without a prompt.
 
-    Strategies that add low-rank updates can wrap the projections reachable through
-    ``self.blocks`` in place (the weights stay shared): nothing here copies a layer.
+    Low-rank updates (LoRA family) reach the projections as ``Prompt.deltas``, applied
+    in ``run_block`` next to the frozen modules: nothing wraps, copies or writes a layer,
+    so the un-prompted query (``query``) is always the frozen model's.
     """
 
     modality: str = ""
@@ -63,16 +65,17 @@ class PromptableEncoder(nn.Module):
     def embed(self, x: Tensor) -> tuple[Tensor, Any]:
         raise NotImplementedError
 
-    def run_block(
-        self,
-        index: int,
-        hidden: Tensor,
-        context: Any,
-        prefix: Tensor | None,
-        gate: PrefixGate | None,
-    ) -> Tensor:
-        """Block ``index`` on ``hidden`` [B, N, D] with the layer's prefix and gate (None:
-        none), through :func:`~clbench.encoders.attention.prompted_attention`."""
+    def run_block(self, index: int, hidden: Tensor, context: Any, layer: LayerPrompt) -> Tensor:
+        """Block ``index`` on ``hidden`` [B, N, D] with the layer's prompt, through
+        :func:`~clbench.encoders.attention.prompted_attention`: the prefix joined by the
+        key/value tokens projected with the block's own frozen norm and k / v weights
+        (deltas included), the gate, and the deltas on every targeted projection. With
+        an empty ``layer`` it must be the frozen block itself, bit for bit."""
+        raise NotImplementedError
+
+    def projection_weight(self, index: int, target: str) -> Tensor:
+        """The frozen weight [d_out, d_in] that delta ``target`` (q, k, v, o, fc1, fc2)
+        of block ``index`` adapts (a read-only view: e.g. for SVD initialisations)."""
         raise NotImplementedError
 
     def finish(self, hidden: Tensor) -> Tensor:
@@ -97,12 +100,16 @@ class PromptableEncoder(nn.Module):
             hidden = torch.cat([hidden[:, :lead], tokens, hidden[:, lead:]], dim=1)
             num_prompt_tokens = tokens.shape[1]
             context = self.extend_context(context, num_prompt_tokens)
+        if prompt is not None:
+            prompt.check_layers(self.num_layers)
         for index in range(self.num_layers):
-            prefix = gate = None
+            layer = NO_LAYER_PROMPT
             if prompt is not None:
-                prefix = prompt.prefixes.get(index)
-                gate = prompt.gates.get(index)
-            hidden = self.run_block(index, hidden, context, prefix, gate)
+                layer = prompt.layer(index)
+                generator = prompt.generators.get(index)
+                if generator is not None:  # VAPT: computed from this block's own input
+                    layer = layer.merged(generator(hidden, context))
+            hidden = self.run_block(index, hidden, context, layer)
         hidden = self.finish(hidden)
         pooled = self.pool(hidden, context, num_prompt_tokens)
         return EncoderOutput(pooled, hidden, num_prompt_tokens, self.num_leading_tokens)

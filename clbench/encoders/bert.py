@@ -16,8 +16,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from clbench.encoders.attention import PrefixGate, prompted_attention
+from clbench.encoders.attention import LayerPrompt, join, prompted_attention
 from clbench.encoders.base import PromptableEncoder
+from clbench.encoders.deltas import MLP_TARGETS, LayerDelta, check_target, project
 from clbench.errors import UsageError
 
 ENTITY_MARKERS = ("[E11]", "[E12]", "[E21]", "[E22]")
@@ -91,31 +92,70 @@ class BertEncoder(PromptableEncoder):
         )
 
     def run_block(
-        self,
-        index: int,
-        hidden: Tensor,
-        context: TextContext,
-        prefix: Tensor | None,
-        gate: PrefixGate | None,
+        self, index: int, hidden: Tensor, context: TextContext, layer: LayerPrompt
     ) -> Tensor:
-        layer = self.model.encoder.layer[index]
-        attention = layer.attention.self
+        block = self.model.encoder.layer[index]
+        attention, delta = block.attention.self, layer.delta
         batch, length, _ = hidden.shape
 
-        def heads(projection: nn.Module) -> Tensor:
-            return projection(hidden).view(batch, length, self.num_heads, -1).transpose(1, 2)
+        def heads(projection: nn.Linear, target: str) -> Tensor:
+            out = project(projection, hidden, delta, target)
+            return out.view(out.shape[0], length, self.num_heads, -1).transpose(1, 2)
 
+        prefix = layer.prefix
+        if layer.kv_tokens is not None:
+            tokens = layer.kv_tokens.to(hidden.dtype)
+            prefix = join(prefix, self._key_value_prefix(attention, tokens, delta), dim=2)
         out = prompted_attention(
-            heads(attention.query),
-            heads(attention.key),
-            heads(attention.value),
+            heads(attention.query, "q"),
+            heads(attention.key, "k"),
+            heads(attention.value, "v"),
             prefix=prefix,
-            gate=gate,
+            gate=layer.gate,
             key_padding_mask=context.key_padding_mask,
         )
         out = out.transpose(1, 2).reshape(batch, length, self.embed_dim)
-        attended = layer.attention.output(out, hidden)
-        return layer.output(layer.intermediate(attended), attended)
+        if delta is None or not delta.touches(("o", *MLP_TARGETS)):
+            attended = block.attention.output(out, hidden)
+            return block.output(block.intermediate(attended), attended)
+        # BertSelfOutput, BertIntermediate and BertOutput written out, so their dense
+        # layers take the deltas
+        self_output = block.attention.output
+        dense = project(self_output.dense, out, delta, "o")
+        attended = self_output.LayerNorm(self_output.dropout(dense) + hidden)
+        intermediate = block.intermediate
+        inner = intermediate.intermediate_act_fn(
+            project(intermediate.dense, attended, delta, "fc1")
+        )
+        output = block.output
+        dense = project(output.dense, inner, delta, "fc2")
+        return output.LayerNorm(output.dropout(dense) + attended)
+
+    @staticmethod
+    def _key_value_prefix(attention: Any, tokens: Tensor, delta: LayerDelta | None) -> Tensor:
+        """Key/value-only tokens [b, Lk, D] -> prefix [b, 2, Lk, D] through the layer's
+        own key / value projections (and their deltas). BERT normalises after each
+        sub-layer, so a token inserted into a layer's input meets no norm before them:
+        this is exactly what the layer computes for an inserted VPT-deep token."""
+        keys = project(attention.key, tokens, delta, "k")
+        values = project(attention.value, tokens, delta, "v")
+        batch = max(keys.shape[0], values.shape[0])
+        keys = keys.expand(batch, *keys.shape[1:])
+        values = values.expand(batch, *values.shape[1:])
+        return torch.stack([keys, values], dim=1)
+
+    def projection_weight(self, index: int, target: str) -> Tensor:
+        check_target(target)
+        block = self.model.encoder.layer[index]
+        modules = {
+            "q": block.attention.self.query,
+            "k": block.attention.self.key,
+            "v": block.attention.self.value,
+            "o": block.attention.output.dense,
+            "fc1": block.intermediate.dense,
+            "fc2": block.output.dense,
+        }
+        return modules[target].weight.detach()
 
     def pool(self, hidden: Tensor, context: TextContext, num_prompt_tokens: int) -> Tensor:
         if self.pooling == "cls":

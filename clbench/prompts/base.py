@@ -31,7 +31,7 @@ from typing import TypeAlias
 import torch
 from torch import Tensor, nn
 
-from clbench.encoders.attention import PrefixGate, Prompt
+from clbench.encoders.attention import PrefixGate, Prompt, merge_layer_fields
 from clbench.errors import UsageError
 
 # The one type of every prompt module's ``task`` argument (see the module docstring).
@@ -109,7 +109,8 @@ def merge_prompts(*prompts: Prompt) -> Prompt:
             if layer in gates:
                 raise ValueError(f"two prompts gate layer {layer}")
             gates[layer] = gate
-    return Prompt(prefixes=prefixes, tokens=tokens, gates=gates)
+    # kv tokens, generators and deltas: concatenated / run both / summed
+    return Prompt(prefixes=prefixes, tokens=tokens, gates=gates, **merge_layer_fields(*prompts))
 
 
 def _concat(first: Tensor, second: Tensor, dim: int) -> Tensor:
