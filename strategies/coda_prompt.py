@@ -19,25 +19,32 @@ of a linear classifier on the prompted pooled feature over task t's classes, plu
 optional orthogonality regulariser mu * ||B B^T - I||^2 on K, A and P (mu = 0 in the
 authors' best configuration). Adam, lr 1e-3, cosine decay over each task's epochs
 (stepped per epoch by the base strategy's scheduler).
+
+``--preset authors`` runs the authors' official code (GT-RIPL/CODA-Prompt) instead: its
+quarter-cosine schedule and dropped last batch (named options below), inputs in [0, 1].
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from clbench.config import option
 from clbench.errors import UsageError
 from clbench.prompts import ComponentPrompt, require_layers
+from clbench.prompts.reparam import PrefixParamOptions
 from clbench.registry import STRATEGIES
 from clbench.strategies.quick import QUICK_DATA
 from clbench.strategy import CLStrategy, StrategyConfig, StrategyModel, TaskSlots, TrainOutput
 
 
 @dataclass
-class CodaPromptConfig(StrategyConfig):
+class CodaPromptConfig(PrefixParamOptions, StrategyConfig):
     pool_size: int = option(100, "prompt components per layer, in total", symbol="M")
     num_tasks: int = option(
         0,
@@ -58,6 +65,41 @@ class CodaPromptConfig(StrategyConfig):
     lr_schedule: Literal["constant", "cosine", "step"] = option(
         "cosine", "learning-rate schedule over each task's epochs (stepped per epoch)"
     )
+    cosine_form: Literal["half", "quarter"] = option(
+        "half",
+        "with lr_schedule=cosine, the lr of epoch e of K: half = lr (1 + cos(pi e / K)) / 2 "
+        "(to 0 after the last epoch); quarter = lr cos(99 pi e / (200 (K - 1))), which "
+        "ends at lr cos(99 pi / 200) = 0.016 lr in the last epoch",
+        quirk="GT-RIPL/CODA-Prompt utils/schedulers.py CosineSchedule, stepped at each "
+        "epoch's start from epoch 1 (learners/default.py)",
+    )
+    drop_last: bool = option(
+        False,
+        "drop each epoch's last partial training batch",
+        quirk="GT-RIPL/CODA-Prompt trainer.py line 185: DataLoader(..., drop_last=True)",
+    )
+
+
+# How the authors' code (GT-RIPL/CODA-Prompt configs/*_prompt.yaml, experiments/*.sh with
+# --prompt_param 100 8 0.0) trains: Adam (0.9, 0.999), lr 1e-3, no weight decay or
+# clipping, batch 128, the quarter cosine, drop_last, inputs in [0, 1] (mean 0 / std 1 in
+# dataloaders/utils.py); backbone vit-b16-augreg-in21k-ft-in1k (timm 0.4.12's
+# vit_base_patch16_224). Its class order: seed s > 0 shuffles with random.seed(s) as
+# class_order=seed does; its seed 0 keeps the natural order (--set
+# scenario.class_order=natural for that run). Its ImageNet-R split files are its own.
+AUTHORS_TRAINING: dict[str, Any] = {
+    "batch_size": 128,
+    "lr": 1e-3,
+    "weight_decay": 0.0,
+    "grad_clip": 0.0,
+    "pool_size": 100,
+    "prompt_length": 8,
+    "ortho_weight": 0.0,
+    "lr_schedule": "cosine",
+    "cosine_form": "quarter",
+    "drop_last": True,
+    "scenario.normalize": "none",
+}
 
 
 @STRATEGIES.register(
@@ -76,6 +118,9 @@ class CodaPrompt(CLStrategy):
         "fewrel-offline": {"epochs": 1, "batch_size": 32, "lr": 0.01, "pool_size": 40},
         "split-cifar100": {"epochs": 20, "batch_size": 128, "lr": 1e-3, "pool_size": 100},
         "imagenet-r": {"epochs": 50, "batch_size": 128, "lr": 1e-3, "pool_size": 100},
+        "authors:split-cifar100": {**AUTHORS_TRAINING, "epochs": 20},
+        # RandomResizedCrop(224) with torchvision's default scale (0.08, 1)
+        "authors:imagenet-r": {**AUTHORS_TRAINING, "epochs": 50, "scenario.crop_scale_min": 0.08},
     }
     config: CodaPromptConfig
 
@@ -85,6 +130,14 @@ class CodaPrompt(CLStrategy):
     def setup(self, model: StrategyModel) -> None:
         c, encoder = self.config, self.encoder
         require_layers(tuple(c.layers), encoder.num_layers, "layers")
+        if c.prefix_reparam.generated:
+            # a component's prompt is one of an orthogonal set (Gram-Schmidt at its task's
+            # start) summed with learnt weights: a generated prompt is not orthogonal
+            raise UsageError(
+                f"coda-prompt takes prefix_param=free only, not {c.prefix_param}: its "
+                "components are initialised orthogonal to earlier ones, which a generated "
+                "prompt would not be"
+            )
         try:
             model.components = ComponentPrompt(
                 c.pool_size,
@@ -103,6 +156,19 @@ class CodaPrompt(CLStrategy):
         # orthogonal initialisation of task t's components (first visit only); freeze others
         self.model.components.begin_task(task)
 
+    def make_optimizer(self, **kwargs: Any) -> None:
+        super().make_optimizer(**kwargs)
+        c = self.config
+        if c.lr_schedule == "cosine" and c.cosine_form == "quarter":
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, quarter_cosine(c.epochs)
+            )
+
+    def make_train_dataloader(self, **kwargs: Any) -> None:
+        if self.config.drop_last:
+            kwargs["drop_last"] = True
+        super().make_train_dataloader(**kwargs)
+
     def _forward(self, x: Tensor, train: bool) -> TrainOutput:
         query = self.query(x)  # frozen, un-prompted, cached
         selection = self.model.components(query, task=max(self.current_task, 0), train=train)
@@ -114,3 +180,10 @@ class CodaPrompt(CLStrategy):
 
     def predict(self, x: Tensor) -> Tensor:
         return self._forward(x, train=False).logits
+
+
+def quarter_cosine(epochs: int) -> Callable[[int], float]:
+    """The authors' CosineSchedule as a factor of the lr per epoch e (0-based): cos(99 pi e /
+    (200 (K - 1))) for K epochs (their K = 1 divides by zero; here it is 1)."""
+    span = 200 * max(epochs - 1, 1)
+    return lambda epoch: math.cos(99 * math.pi * epoch / span)
