@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -18,6 +19,7 @@ from avalanche.training.plugins import EvaluationPlugin
 from clbench.config import Options, option
 from clbench.errors import UsageError
 from clbench.logs import TO_STDERR
+from clbench.progress import Progress, progress
 
 if TYPE_CHECKING:
     from clbench.strategy import CLStrategy
@@ -71,13 +73,37 @@ def quiet_evaluator() -> EvaluationPlugin:
 
 class EpochProgress(SupervisedPlugin):
     """One line per training epoch (logged to stderr): experience, epoch, mean loss,
-    train accuracy, seconds."""
+    train accuracy, seconds. During the epoch a bar with the running loss and an ETA on
+    a terminal, else a line every 30 s (a full-size epoch on a CPU takes minutes).
+
+    ``epochs`` keeps the same numbers for the experience being trained (one
+    ``{epoch, loss, train_accuracy, seconds}`` per epoch, reset when an experience
+    starts): the run loop writes them into the experience's record in progress.json."""
+
+    _bar: Progress | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epochs: list[dict[str, float]] = []
+
+    def before_training_exp(self, strategy: CLStrategy, *args: Any, **kwargs: Any) -> None:
+        self.epochs = []
 
     def before_training_epoch(self, strategy: CLStrategy, *args: Any, **kwargs: Any) -> None:
         self._start = time.perf_counter()
         self._loss = torch.zeros((), device=strategy.device)
         self._correct = torch.zeros((), device=strategy.device)
         self._seen = 0
+        if self._bar is not None:  # the previous epoch raised: its bar is stale
+            self._bar.close()
+        epoch = f"{strategy.clock.train_exp_epochs + 1}/{strategy.train_epochs}"
+        self._bar = progress(
+            _length(strategy.dataloader),
+            f"  experience {strategy.current_task} epoch {epoch}",
+            unit="batches",
+            start_line=False,
+            end_line=False,
+        )
 
     def after_training_iteration(self, strategy: CLStrategy, *args: Any, **kwargs: Any) -> None:
         # accumulated on the device: no host round trip per iteration
@@ -88,16 +114,79 @@ class EpochProgress(SupervisedPlugin):
             logits = strategy.mask_to(logits, strategy.current_class_mask)
         self._correct += (logits.argmax(1) == strategy.mb_y).sum()
         self._seen += size
+        if self._bar is not None:  # the loss is read (a host sync) only when drawn
+            self._bar.update(1, detail=self._running_loss)
+
+    def _running_loss(self) -> str:
+        return f"loss {self._loss.item() / max(self._seen, 1):.4f}"
 
     def after_training_epoch(self, strategy: CLStrategy, *args: Any, **kwargs: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         seen = max(self._seen, 1)
+        epoch = strategy.clock.train_exp_epochs + 1
+        loss, accuracy = self._loss.item() / seen, 100 * self._correct.item() / seen
+        seconds = time.perf_counter() - self._start
+        self.epochs.append(
+            {"epoch": epoch, "loss": loss, "train_accuracy": accuracy, "seconds": seconds}
+        )
         log.info(
-            f"  experience {strategy.current_task} epoch {strategy.clock.train_exp_epochs + 1}"
-            f"/{strategy.train_epochs}: loss {self._loss.item() / seen:.4f}, "
-            f"train acc {100 * self._correct.item() / seen:.1f}%, "
-            f"{time.perf_counter() - self._start:.1f}s",
+            f"  experience {strategy.current_task} epoch {epoch}/{strategy.train_epochs}: "
+            f"loss {loss:.4f}, train acc {accuracy:.1f}%, {seconds:.1f}s",
             extra=TO_STDERR,
         )
+
+
+class EvalProgress(SupervisedPlugin):
+    """Says ``evaluating experiences 0-3 (640 test items) ...`` when an evaluation pass
+    starts, then draws a bar with an ETA on a terminal or logs a line every 30 s: the
+    first pass over a test set also computes every item's query, and a full-size one
+    takes minutes on a CPU. The run loop's per-experience line gives the pass's time, so
+    there is no end line."""
+
+    _bar: Progress | None = None
+
+    def before_eval(self, strategy: CLStrategy, *args: Any, **kwargs: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        stream = strategy.current_eval_stream
+        if isinstance(stream, Iterator):  # a generator: counting it would consume it
+            self._bar = progress(None, "evaluating", unit="test items", end_line=False)
+            return
+        experiences = list(stream)
+        if experiences:
+            indices = [int(e.current_experience) for e in experiences]
+            total = sum(len(e.dataset) for e in experiences)
+            label = f"evaluating {_experience_range(indices)}"
+            self._bar = progress(total, label, unit="test items", end_line=False)
+
+    def after_eval_iteration(self, strategy: CLStrategy, *args: Any, **kwargs: Any) -> None:
+        if self._bar is not None:
+            self._bar.update(int(strategy.mb_y.shape[0]))
+
+    def after_eval(self, strategy: CLStrategy, *args: Any, **kwargs: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _experience_range(indices: list[int]) -> str:
+    """``experience 2``, ``experiences 0-3`` (consecutive), ``experiences 0, 2, 5``."""
+    if len(indices) == 1:
+        return f"experience {indices[0]}"
+    if indices == list(range(indices[0], indices[0] + len(indices))):
+        return f"experiences {indices[0]}-{indices[-1]}"
+    return "experiences " + ", ".join(map(str, indices))
+
+
+def _length(loader: Any) -> int | None:
+    """Batches in ``loader``; None for one without a length (an iterable dataset)."""
+    try:
+        return len(loader)
+    except TypeError:
+        return None
 
 
 def resolve_num_workers(num_workers: int, device: torch.device) -> int:

@@ -386,6 +386,7 @@ def test_cli_download_tacred_explains_the_license(tmp_path, capsys):
 
 
 def test_cli_download_fewrel_from_a_mirror(server, tmp_path, capsys, monkeypatch):
+    from clbench.data import fewrel_files
     from clbench.scenarios import relation_extraction as rex
 
     files = {
@@ -396,7 +397,7 @@ def test_cli_download_fewrel_from_a_mirror(server, tmp_path, capsys, monkeypatch
     for name, body in files.items():
         server.files[f"/mirror/{name}"] = body
     monkeypatch.setattr(rex, "FEWREL_MD5", {name: md5(body) for name, body in files.items()})
-    monkeypatch.setattr(rex, "REPO_ROOT", tmp_path / "no-repo")  # no shared copies
+    monkeypatch.setattr(fewrel_files, "REPO_ROOT", tmp_path / "no-repo")  # no shared copies
     argv = ["download", "fewrel", "--data-root", str(tmp_path), "--set"]
     code, _, err = run_cli([*argv, f"base_url={server.url('/mirror')}"], capsys)
     assert code == 0, err

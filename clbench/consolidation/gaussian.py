@@ -82,6 +82,7 @@ class GaussianConsolidation:
             batch_size=strategy.config.eval_batch_size,
             device=strategy.device,
             num_workers=strategy.config.num_workers,
+            label="computing features for the class statistics",
         )
         query, prompted_features = features
         self.query_statistics.update(query, labels)

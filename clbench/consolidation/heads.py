@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clbench.consolidation.statistics import ClassStatistics
+from clbench.progress import track
 
 # What one epoch trains on: features [n, D] and labels [n], on the training device.
 EpochData = Callable[[], tuple[Tensor, Tensor]]
@@ -42,7 +43,8 @@ def fit_head(
     """
     forward = logits_fn or module
     module.train()
-    for _ in range(epochs):
+    label = "training a head on features"  # quiet unless slow: no start or end line
+    for _ in track(range(epochs), label, unit="epochs", start_line=False, end_line=False):
         features, labels = epoch_data()
         order = torch.randperm(len(labels), device=features.device)
         starts = range(0, len(order), batch_size)

@@ -15,6 +15,8 @@ from typing import Any, Literal, overload
 import torch
 from torch import Tensor
 
+from clbench.progress import counted, progress
+
 
 class ClassStatistics:
     """Per-class feature distributions.
@@ -49,21 +51,29 @@ class ClassStatistics:
         return sorted(self.means)
 
     def update(self, features: Tensor, labels: Tensor) -> None:
-        """Fit (or refit) the statistics of every class present in ``labels``."""
+        """Fit (or refit) the statistics of every class present in ``labels``.
+
+        Quiet unless slow (k-means over many classes): then a bar, or a line every 30 s.
+        """
         features = features.detach().double().cpu()
         labels = labels.cpu()
-        for label in labels.unique().tolist():
-            rows = features[labels == label]
-            self.means[label] = rows.mean(0).float()
-            if self.mode == "covariance":
-                centred = rows - rows.mean(0)
-                covariance = centred.T @ centred / max(len(rows) - 1, 1)
-                covariance += self.shrinkage * torch.eye(self.dim, dtype=covariance.dtype)
-                self.scales[label] = torch.linalg.cholesky(covariance).float()
-            else:
-                centroids, stds = _kmeans_with_spread(rows, self.num_centroids)
-                self.centroids[label] = centroids.float()
-                self.scales[label] = stds.float()
+        classes = labels.unique().tolist()
+        label = f"fitting class statistics ({self.mode}, dim {self.dim})"
+        with progress(len(classes), label, unit="classes", start_line=False, end_line=False) as bar:
+            for class_id in counted(classes, bar):
+                self._fit_class(class_id, features[labels == class_id])
+
+    def _fit_class(self, class_id: int, rows: Tensor) -> None:
+        self.means[class_id] = rows.mean(0).float()
+        if self.mode == "covariance":
+            centred = rows - rows.mean(0)
+            covariance = centred.T @ centred / max(len(rows) - 1, 1)
+            covariance += self.shrinkage * torch.eye(self.dim, dtype=covariance.dtype)
+            self.scales[class_id] = torch.linalg.cholesky(covariance).float()
+        else:
+            centroids, stds = _kmeans_with_spread(rows, self.num_centroids)
+            self.centroids[class_id] = centroids.float()
+            self.scales[class_id] = stds.float()
 
     def class_means(self, classes: list[int], device: Any = "cpu") -> Tensor:
         if not classes:
@@ -148,6 +158,7 @@ def extract_features(
     batch_size: int,
     device: Any,
     num_workers: int = 0,
+    label: str = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -159,6 +170,7 @@ def extract_features(
     batch_size: int,
     device: Any,
     num_workers: int = 0,
+    label: str = ...,
 ) -> tuple[tuple[Tensor, ...], Tensor]: ...
 
 
@@ -170,24 +182,28 @@ def extract_features(
     batch_size: int,
     device: Any,
     num_workers: int = 0,
+    label: str = "computing features",
 ) -> tuple[Tensor | tuple[Tensor, ...], Tensor]:
     """Run ``feature_fn`` over a dataset (in order, no shuffling): features, labels.
 
     ``feature_fn`` may return several feature tensors per batch (e.g. the query and the
-    prompted feature from one pass over the data); they come back as a tuple.
+    prompted feature from one pass over the data); they come back as a tuple. The pass
+    costs as much as an evaluation, so it says so (``label``) with a progress bar / lines.
     """
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
     )
     outputs: list[Any] = []
     labels = []
-    for batch in loader:
-        x, y = batch[0].to(device), batch[1]
-        result = feature_fn(x)
-        outputs.append(
-            tuple(t.cpu() for t in result) if isinstance(result, tuple) else result.cpu()
-        )
-        labels.append(y.cpu())
+    with progress(len(dataset), label) as bar:
+        for batch in loader:
+            x, y = batch[0].to(device), batch[1]
+            result = feature_fn(x)
+            outputs.append(
+                tuple(t.cpu() for t in result) if isinstance(result, tuple) else result.cpu()
+            )
+            labels.append(y.cpu())
+            bar.update(len(y))
     if outputs and isinstance(outputs[0], tuple):
         features: Any = tuple(torch.cat(parts) for parts in zip(*outputs))
     else:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 from clbench.errors import DataNotFoundError
 from clbench.fileio import atomic_path, atomic_write_text
 from clbench.logs import TO_STDERR
+from clbench.progress import Progress, counted, progress
 
 if TYPE_CHECKING:
     from clbench.scenario import ScenarioSpec
@@ -52,6 +53,7 @@ DEFAULT_RETRIES = 3
 DEFAULT_BACKOFF_S = 1.0
 DEFAULT_TIMEOUT_S = 60.0
 CHUNK_BYTES = 1 << 20
+ANNOUNCED_BYTES = 256 << 20  # hashing a file this large gets a start and an end line
 USER_AGENT = "clbench-data-download/1"
 
 ProgressCallback = Callable[[int, "int | None"], None]
@@ -99,11 +101,20 @@ class Resource:
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """The hex digest of a file, read in 1 MB blocks (never the whole file at once)."""
+    """The hex digest of a file, read in 1 MB blocks (never the whole file at once); a
+    file of :data:`ANNOUNCED_BYTES` or more says so (a 2 GB archive takes a while)."""
+    path = Path(path)
     digest = hashlib.new(algorithm)
-    with Path(path).open("rb") as handle:
+    size = path.stat().st_size
+    large = size >= ANNOUNCED_BYTES
+    label = f"  checking the {algorithm} of {path.name}"
+    with (
+        path.open("rb") as handle,
+        progress(size, label, unit="MB", scale=2**20, start_line=large, end_line=large) as bar,
+    ):
         for block in iter(lambda: handle.read(CHUNK_BYTES), b""):
             digest.update(block)
+            bar.update(len(block))
     return digest.hexdigest()
 
 
@@ -208,6 +219,8 @@ def download(
         _write_note(target, algorithm, expected)
         return target
     finally:
+        if isinstance(progress, DownloadProgress):
+            progress.close()
         if created and not any(folder.iterdir()):
             folder.rmdir()  # leave no trace of a failed first download
 
@@ -273,25 +286,38 @@ def _fetch_once(url: str, part: Path, timeout_s: float, progress: ProgressCallba
         raise IncompleteDownload(f"connection closed after {received} of {expected_total} bytes")
 
 
+class DownloadProgress:
+    """A :data:`ProgressCallback`: :mod:`clbench.progress`'s bar, or a line every 30 s
+    (MB, rate, ETA), and a line when a file is complete. A count that goes back starts
+    the next file's bar (one callback serves a scenario's files in a row); :func:`download`
+    calls :meth:`close` when a file ends, so a failed download leaves no bar behind."""
+
+    def __init__(self, label: str = "  downloading") -> None:
+        self.label = label
+        self._bar: Progress | None = None
+        self._received = 0
+
+    def __call__(self, received: int, total: int | None) -> None:
+        if self._bar is None or received < self._received:
+            self.close()
+            self._bar = progress(total, self.label, unit="MB", scale=2**20, start_line=False)
+        self._received = received
+        self._bar.advance_to(received)
+        if total is not None and received >= total:
+            self._bar.finish()
+            self._bar = None
+
+    def close(self) -> None:
+        """End the current file's bar without an end line (the download failed)."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        self._received = 0
+
+
 def print_progress(prefix: str = "  ") -> ProgressCallback:
-    """A progress callback that prints a line every 10 % (or every 50 MB if size unknown)."""
-    state = {"next": 0.0}
-
-    def report(received: int, total: int | None) -> None:
-        if total:
-            fraction = received / total
-            if fraction >= state["next"] or received == total:
-                log.info(
-                    f"{prefix}{received / 2**20:8.1f} / {total / 2**20:.1f} MB "
-                    f"({100 * fraction:3.0f}%)",
-                    extra=TO_STDERR,
-                )
-                state["next"] = fraction + 0.1
-        elif received >= state["next"]:
-            log.info(f"{prefix}{received / 2**20:8.1f} MB", extra=TO_STDERR)
-            state["next"] = received + 50 * 2**20
-
-    return report
+    """The progress callback of ``clbench download`` and of :func:`download` by default."""
+    return DownloadProgress(f"{prefix}downloading")
 
 
 # ---------------------------------------------------------------------------- extraction
@@ -316,14 +342,19 @@ def _check_member(member: tarfile.TarInfo, archive: Path) -> None:
 
 def _unpack_tar(archive: Path, staging: Path) -> None:
     with tarfile.open(archive) as tar:
-        members = tar.getmembers()
+        # listing the members reads the whole archive: quiet unless slow
+        with progress(None, f"  listing {archive.name}", start_line=False, end_line=False):
+            members = tar.getmembers()
         for member in members:
             _check_member(member, archive)
-        # Python >= 3.12 (and patched 3.10 / 3.11) also apply the "data" filter
-        if hasattr(tarfile, "data_filter"):
-            tar.extractall(staging, members=members, filter="data")  # noqa: S202
-        else:  # every member was checked above
-            tar.extractall(staging, members=members)  # noqa: S202
+        # extractall walks its members once, so an iterator over them counts the files
+        label = f"  extracting {archive.name}"
+        with progress(len(members), label, unit="files", start_line=False) as bar:
+            # Python >= 3.12 (and patched 3.10 / 3.11) also apply the "data" filter
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(staging, members=counted(members, bar), filter="data")  # noqa: S202
+            else:  # every member was checked above
+                tar.extractall(staging, members=counted(members, bar))  # noqa: S202
 
 
 def _unpack_zip(archive: Path, staging: Path) -> None:
@@ -334,7 +365,11 @@ def _unpack_zip(archive: Path, staging: Path) -> None:
                 raise UnsafeArchiveError(
                     f"{archive}: member {info.filename!r} is a link; refusing to extract"
                 )
-        bundle.extractall(staging)  # every member name was checked above
+        members = bundle.infolist()
+        label = f"  extracting {archive.name}"
+        with progress(len(members), label, unit="files", start_line=False) as bar:
+            # every member name was checked above
+            bundle.extractall(staging, members=counted(members, bar))
 
 
 def extract_tar(archive: Path, destination: Path, top_level: str) -> Path:
@@ -454,7 +489,7 @@ def data_marker(name: str, spec: ScenarioSpec | None, options_type: type) -> str
     """
     if spec is None or spec.data_status is None:
         return " [data: built in]"
-    from clbench.scenario import default_data_root
+    from clbench.data.files import default_data_root
 
     try:
         status = spec.data_status(options_type(), default_data_root())

@@ -8,6 +8,7 @@ the tokenizer, the length and :data:`ENCODING_VERSION`, and reused by every seed
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import warnings
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from clbench.errors import UsageError
 from clbench.fileio import atomic_write_with
+from clbench.progress import progress
 from clbench.scenario import default_data_root
 
 # Bump when the encoding changes (markers, truncation, special tokens): old caches then
@@ -28,6 +30,9 @@ from clbench.scenario import default_data_root
 ENCODING_VERSION = 1
 
 MARKERS = ("[E11]", "[E12]", "[E21]", "[E22]")
+# Sentences per tokenizer call: large enough for the Rust batch to pay off, small enough
+# that the progress bar moves every second or so on a small CPU.
+TOKENIZE_CHUNK = 1024
 
 
 def encode_relation_examples(
@@ -36,6 +41,8 @@ def encode_relation_examples(
     max_length: int = 128,
     *,
     stats: dict[str, int] | None = None,
+    label: str = "encoding sentences into token ids",
+    announce: bool = False,
 ) -> Tensor:
     """Token ids [N, max_length]: ``[CLS] ... [E11] head [E12] ... [E21] tail [E22] ... [SEP]``.
 
@@ -45,61 +52,79 @@ def encode_relation_examples(
     from both entities (usually the middle between them) are dropped. Every row thus holds
     each marker exactly once. ``stats`` (if given) receives the counts of rows windowed
     (``truncated_window``) and rows with tokens cut from between the entities
-    (``truncated_cut``).
+    (``truncated_cut``). ``label`` names the phase in the progress bar / lines; with
+    ``announce`` its start and end are logged (building a cache), else it stays quiet
+    unless it runs long enough for a periodic line.
     """
     if max_length < 8:
         raise UsageError(f"max_length must be at least 8 (got {max_length})")
+    out = np.full((len(examples), max_length), encoder.pad_token_id, dtype=np.int64)
+    counts = {"truncated_window": 0, "truncated_cut": 0}
+    with progress(
+        len(examples), label, unit="sentences", start_line=announce, end_line=announce
+    ) as bar:
+        # Batched calls (the fast tokenizer parallelises each in Rust), in chunks so the
+        # bar moves; every sentence is tokenized on its own, so chunking changes nothing.
+        for start in range(0, len(examples), TOKENIZE_CHUNK):
+            chunk = examples[start : start + TOKENIZE_CHUNK]
+            _encode_chunk(chunk, encoder, out[start : start + len(chunk)], counts)
+            bar.update(len(chunk))
+    if stats is not None:
+        stats.update(counts)
+    return torch.from_numpy(out)
+
+
+def _encode_chunk(
+    examples: Sequence[dict], encoder: Any, out: np.ndarray, counts: dict[str, int]
+) -> None:
+    """Encode ``examples`` into the rows of ``out`` (a view of the full result).
+
+    Per row the work is a few list operations on ~50 ids: a numpy or torch call per row
+    made this loop cost as much as the tokenizer. Only a row to truncate goes to numpy.
+    """
     tokenizer = encoder.tokenizer
     marker_ids = [encoder.marker_ids[m] for m in MARKERS]
-    # One batched call: the fast tokenizer parallelises it in Rust.
     batch = tokenizer(
         [list(e["tokens"]) for e in examples], is_split_into_words=True, add_special_tokens=False
     )
-    out = torch.full((len(examples), max_length), encoder.pad_token_id, dtype=torch.long)
-    budget = max_length - 2  # room left beside [CLS] and [SEP]
-    counts = {"truncated_window": 0, "truncated_cut": 0}
-    for row, example in enumerate(examples):
-        word_ids = batch.word_ids(row)
-        if any(w is None for w in word_ids):  # only special tokens map to None
+    budget = out.shape[1] - 2  # room left beside [CLS] and [SEP]
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    for row, (example, encoding) in enumerate(zip(examples, batch.encodings)):
+        word_ids = encoding.word_ids
+        if None in word_ids:  # only special tokens map to None
             raise RuntimeError(
                 "the tokenizer added special tokens despite add_special_tokens=False"
             )
         content, marker_positions = _insert_markers(
-            np.asarray(batch["input_ids"][row], dtype=np.int64),
-            np.asarray(word_ids, dtype=np.int64),
-            example["h"][2][0],
-            example["t"][2][0],
-            marker_ids,
+            encoding.ids, word_ids, example["h"][2][0], example["t"][2][0], marker_ids
         )
         if len(content) > budget:
-            content, kind = _truncate_around_entities(content, marker_positions, budget)
+            truncated, kind = _truncate_around_entities(
+                np.asarray(content, dtype=np.int64), marker_positions, budget
+            )
+            content = truncated.tolist()
             counts[kind] += 1
-        out[row, 0] = tokenizer.cls_token_id
-        out[row, 1 : len(content) + 1] = torch.from_numpy(content)
-        out[row, len(content) + 1] = tokenizer.sep_token_id
-    if stats is not None:
-        stats.update(counts)
-    return out
+        out[row, : len(content) + 2] = [cls_id, *content, sep_id]
 
 
 def _insert_markers(
-    ids: np.ndarray,
-    word_ids: np.ndarray,
+    ids: list[int],
+    word_ids: list[int],
     head_span: Sequence[int],
     tail_span: Sequence[int],
     marker_ids: Sequence[int],
-) -> tuple[np.ndarray, dict[str, int]]:
+) -> tuple[list[int], dict[str, int]]:
     """Insert the four markers around the sub-word spans of the two entities.
 
     Returns the new ids and where each marker landed. A span covers the words from its
-    smallest to its largest index; ``searchsorted`` on the (non-decreasing) word ids
+    smallest to its largest index; a binary search on the (non-decreasing) word ids
     finds the sub-word boundaries, and stays correct for words with no sub-words.
     """
     e11, e12, e21, e22 = marker_ids
-    h_open = int(np.searchsorted(word_ids, min(head_span), "left"))
-    h_close = int(np.searchsorted(word_ids, max(head_span), "right"))
-    t_open = int(np.searchsorted(word_ids, min(tail_span), "left"))
-    t_close = int(np.searchsorted(word_ids, max(tail_span), "right"))
+    h_open = bisect.bisect_left(word_ids, min(head_span))
+    h_close = bisect.bisect_right(word_ids, max(head_span))
+    t_open = bisect.bisect_left(word_ids, min(tail_span))
+    t_close = bisect.bisect_right(word_ids, max(tail_span))
     # At one insertion point: closers before openers (adjacent spans); among openers the
     # span ending later goes first and among closers the span starting later goes first,
     # so nested or identical spans stay properly nested.
@@ -111,10 +136,15 @@ def _insert_markers(
             (t_close, 0, -t_open, 0, e22, "[E22]"),
         ]
     )
-    points = [item[0] for item in insertions]
-    content = np.insert(ids, points, [item[4] for item in insertions])
-    # np.insert puts the k-th (sorted) value at original index + k
-    positions = {item[5]: point + k for k, (item, point) in enumerate(zip(insertions, points))}
+    content: list[int] = []
+    positions: dict[str, int] = {}
+    previous = 0
+    for point, *_, marker_id, marker in insertions:
+        content.extend(ids[previous:point])
+        positions[marker] = len(content)  # = point + markers inserted before it
+        content.append(marker_id)
+        previous = point
+    content.extend(ids[previous:])
     return content, positions
 
 
@@ -182,7 +212,14 @@ def encode_relation_examples_cached(
         if cached is not None:
             return EncodedExamples(cached["inputs"], cached["stats"], cache_file, True)
     stats: dict[str, int] = {}
-    inputs = encode_relation_examples(examples, encoder, max_length, stats=stats)
+    inputs = encode_relation_examples(
+        examples,
+        encoder,
+        max_length,
+        stats=stats,
+        label=f"building the token cache in {cache_dir}",
+        announce=True,
+    )
     payload = {"inputs": inputs, "stats": stats}
     atomic_write_with(cache_file, lambda temporary: torch.save(payload, temporary))
     return EncodedExamples(inputs, stats, cache_file, False)

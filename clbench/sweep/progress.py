@@ -1,12 +1,17 @@
 """The sweep's progress lines: one per started / finished run, and a summary line every
-``every`` seconds while runs are going (the heartbeat), through the ``clbench`` logger."""
+``every`` seconds while runs are going (the heartbeat), through the ``clbench`` logger.
+
+On a terminal a bar of finished runs with the sweep's ETA (:mod:`clbench.progress`) stays
+below the lines; the heartbeat line carries the same ETA for logs and CI."""
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 
+from clbench.progress import format_duration, progress
 from clbench.sweep.jobs import JobResult
 from clbench.sweep.plan import RunSpec
 from clbench.sweep.state import inspect_run
@@ -22,6 +27,12 @@ class Progress:
         self.finished = 0
         self.began = time.perf_counter()
         self._lock = threading.Lock()
+        # the lines below are the sweep's own, so the shared one only draws a terminal bar
+        self._bar = progress(
+            total, "sweep", unit="runs", every=math.inf, start_line=False, end_line=False
+        )
+        if total <= 0:  # nothing to run: no bar waiting for a run that never comes
+            self._bar.close()
 
     def _say(self, line: str) -> None:
         with self._lock:
@@ -38,6 +49,14 @@ class Progress:
             self._say(f"done    {result.label} ({faa}{result.seconds:.0f}s) [{count}]")
         else:
             self._say(f"{result.state:<7} {result.label}: {result.error or ''} [{count}]")
+        self._bar.update(1)
+        if self.finished >= self.total:
+            self._bar.close()
+
+    def eta(self) -> str:
+        """``, ETA 12m30s`` from the runs finished so far; empty before the first one."""
+        seconds = self._bar.eta()
+        return f", ETA {format_duration(seconds)}" if seconds is not None else ""
 
     def heartbeat(self, specs: list[RunSpec]) -> None:
         states = [inspect_run(spec) for spec in specs]
@@ -50,5 +69,5 @@ class Progress:
         self._say(
             f"progress: {self.finished}/{self.total} finished, {len(running)} running"
             + (f" ({', '.join(running)})" if running else "")
-            + f", {waiting} waiting"
+            + f", {waiting} waiting{self.eta()}"
         )
