@@ -193,7 +193,7 @@ class DualPrompt(CLStrategy):
     def end_task(self, task: int, classes: list[int]) -> None:
         # prefix_param=mlp / linear: the generated prompts become plain tensors
         self.model.g_prompt.end_task(task)
-        self.model.e_prompts.end_task(task)
+        self.model.e_prompts.store_generated(task)
 
     def _forward(self, x: Tensor, train: bool) -> tuple[TrainOutput, Tensor]:
         """Logits (+ the matching loss) and the index of the E-prompt each input used."""

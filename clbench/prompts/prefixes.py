@@ -4,7 +4,10 @@ NoRGa's) task prefixes.
 A prefix at a layer is Lp extra keys and Lp extra values that every token of the layer
 attends to, one [B or 1, 2, Lp, D] tensor per layer (see
 :class:`~clbench.encoders.attention.Prompt`). Prompts are initialised uniform(-1, 1), as
-in the authors' code (inherited from L2P / DualPrompt).
+in the authors' code (inherited from L2P / DualPrompt). Every prefix owner takes a
+:class:`~clbench.prompts.reparam.PrefixReparam`: with ``mlp`` / ``linear`` the prefix of
+the task being learnt is generated (arXiv 2410.02200) and stored as a plain tensor when
+the task ends (see :mod:`clbench.prompts.reparam`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import Tensor, nn
 
 from clbench.encoders.attention import PrefixGate, Prompt, ResidualGate
 from clbench.prompts.base import PromptModule, PromptSelection, TaskIndex, single_task
+from clbench.prompts.reparam import GeneratedSlot, PrefixReparam
 
 
 class SharedPrefix(PromptModule):
@@ -24,18 +28,37 @@ class SharedPrefix(PromptModule):
 
     Lp prefix keys and Lp prefix values at each of ``layers``, as one [1, 2, Lp, D] tensor
     per layer (broadcast over the batch); no key, no auxiliary loss, no per-task slot.
+    With a generated ``reparam`` the prefix is generated while each task trains (one
+    generator, drawn in the first task, trained on in every task) and stored at its end.
     """
 
-    def __init__(self, prompt_length: int, embed_dim: int, *, layers: Sequence[int]) -> None:
+    def __init__(
+        self,
+        prompt_length: int,
+        embed_dim: int,
+        *,
+        layers: Sequence[int],
+        reparam: PrefixReparam | None = None,
+    ) -> None:
         super().__init__()
         self.layers = tuple(layers)
         shape = (len(self.layers), 2, prompt_length, embed_dim)
         self.prompts = nn.Parameter(torch.empty(shape).uniform_(-1, 1))
+        reparam = reparam or PrefixReparam()
+        self.generator = reparam.generator(len(self.layers), prompt_length, embed_dim)
+        self.generated = GeneratedSlot(self.generator)
+
+    def begin_task(self, task: int) -> None:
+        self.generated.begin(0, self.prompts, fresh=task == 0)
+
+    def end_task(self, task: int) -> None:
+        self.generated.finish(0, self.prompts)
 
     def forward(
         self, query: Tensor, *, task: TaskIndex = None, train: bool = False
     ) -> PromptSelection:
-        prefixes = {layer: self.prompts[i].unsqueeze(0) for i, layer in enumerate(self.layers)}
+        prompts = self.generated.prompt(0, self.prompts, train)
+        prefixes = {layer: prompts[i].unsqueeze(0) for i, layer in enumerate(self.layers)}
         return PromptSelection(Prompt(prefixes=prefixes), query.new_zeros(()))
 
 
@@ -53,6 +76,9 @@ class TaskKeyedPrefixPool(PromptModule):
 
     Every slot is its own parameter, so ``begin_task(task)`` takes the other slots out of
     the optimizer: old prompts and keys stay exactly as trained, weight decay or not.
+    With a generated ``reparam`` the prompt of the task being learnt is generated (a new
+    draw per task, or with ``inherit_generator`` the previous task's generator trained
+    on) and stored at the end of the task.
     """
 
     def __init__(
@@ -63,6 +89,8 @@ class TaskKeyedPrefixPool(PromptModule):
         key_dim: int,
         *,
         layers: Sequence[int],
+        reparam: PrefixReparam | None = None,
+        inherit_generator: bool = False,
     ) -> None:
         super().__init__()
         self.layers = tuple(layers)
@@ -73,6 +101,10 @@ class TaskKeyedPrefixPool(PromptModule):
         self.keys = nn.ParameterList(
             [nn.Parameter(torch.empty(key_dim).uniform_(-1, 1)) for _ in range(num_slots)]
         )
+        reparam = reparam or PrefixReparam()
+        self.generator = reparam.generator(len(self.layers), prompt_length, embed_dim)
+        self.generated = GeneratedSlot(self.generator)
+        self.inherit_generator = inherit_generator
 
     @property
     def num_slots(self) -> int:
@@ -80,6 +112,25 @@ class TaskKeyedPrefixPool(PromptModule):
 
     def slot_parameters(self, slot: int) -> list[nn.Parameter]:
         return [self.prompts[slot], self.keys[slot]]
+
+    def begin_task(self, task: int) -> None:
+        super().begin_task(task)
+        if 0 <= task < self.num_slots:
+            fresh = task == 0 or not self.inherit_generator
+            self.generated.begin(task, self.prompts[task], fresh=fresh)
+
+    def end_task(self, task: int) -> None:
+        self.store_generated(task)
+        super().end_task(task)
+
+    def store_generated(self, task: int) -> None:
+        """A generated prompt of ``task`` becomes its plain tensor (no-op when free)."""
+        if 0 <= task < self.num_slots:
+            self.generated.finish(task, self.prompts[task])
+
+    def slot_prompts(self, train: bool = False) -> list[Tensor]:
+        """Every slot's prompt [layers, 2, Lp, D] (the generated one while its task trains)."""
+        return self.generated.prompts(self.prompts, train)
 
     def similarity(self, query: Tensor, num_candidates: int) -> Tensor:
         """cos(q, k_t) for the first ``num_candidates`` slots: [B, num_candidates]."""
@@ -99,12 +150,13 @@ class TaskKeyedPrefixPool(PromptModule):
                 raise ValueError("training an E-prompt needs the task identity")
             similarity = F.cosine_similarity(query, self.keys[task].unsqueeze(0), dim=-1)
             chosen = torch.full((batch, 1), task, dtype=torch.long, device=query.device)
-            per_layer = self.prompts[task].unsqueeze(1)  # [layers, 1, 2, Lp, D]
+            prompt = self.generated.prompt(task, self.prompts[task], train)
+            per_layer = prompt.unsqueeze(1)  # [layers, 1, 2, Lp, D]
         else:
             similarities = self.similarity(query, last + 1)
             chosen = similarities.argmax(dim=1, keepdim=True)  # top-1 key match
             similarity = similarities.gather(1, chosen).squeeze(1)
-            candidates = torch.stack(list(self.prompts)[: last + 1])
+            candidates = torch.stack(self.slot_prompts()[: last + 1])
             per_layer = candidates[chosen[:, 0]].transpose(0, 1)  # [layers, B, 2, Lp, D]
         pull = (1.0 - similarity).mean()
         prefixes = {layer: per_layer[i] for i, layer in enumerate(self.layers)}
@@ -122,7 +174,9 @@ class TaskPrefixPrompts(PromptModule):
 
     Lifecycle (HiDe's): ``begin_task(t)`` initialises P_t from P_{t-1} and trains only
     P_t; ``end_task(t)`` applies prompt momentum P_t <- (1 - m) P_t + m mean(P_<t), then
-    freezes P_t.
+    freezes P_t. With a generated ``reparam``, P_t is g(P') while task t trains, the
+    generator drawn in task 0 and trained on from task to task (so P_t starts as
+    P_{t-1} before its momentum); ``end_task`` stores g(P') into P_t before the momentum.
     """
 
     def __init__(
@@ -133,6 +187,7 @@ class TaskPrefixPrompts(PromptModule):
         embed_dim: int,
         momentum: float = 0.0,
         gate_activation: str | None = None,
+        reparam: PrefixReparam | None = None,
     ) -> None:
         super().__init__()
         self.layers = list(layers)
@@ -141,6 +196,9 @@ class TaskPrefixPrompts(PromptModule):
         self.prompts = nn.ParameterList(
             nn.Parameter(torch.empty(shape).uniform_(-1, 1)) for _ in range(num_tasks)
         )
+        reparam = reparam or PrefixReparam()
+        self.generator = reparam.generator(len(self.layers), length, embed_dim)
+        self.generated = GeneratedSlot(self.generator)
         self.gates = nn.ModuleDict()
         if gate_activation is not None:
             self.gates = nn.ModuleDict(
@@ -160,10 +218,12 @@ class TaskPrefixPrompts(PromptModule):
             with torch.no_grad():
                 self.prompts[task].copy_(self.prompts[task - 1])
         super().begin_task(task)
+        self.generated.begin(task, self.prompts[task], fresh=task == 0)
 
     def end_task(self, task: int) -> None:
         """P_t <- (1 - m) P_t + m mean(P_<t), then freeze P_t (HiDe's prompt momentum)."""
         prompt = self.prompts[task]
+        self.generated.finish(task, prompt)  # a generated P_t is a plain tensor from here
         if self.momentum > 0 and task > 0:
             with torch.no_grad():
                 previous = torch.stack(list(self.prompts[:task])).mean(0)
@@ -176,9 +236,11 @@ class TaskPrefixPrompts(PromptModule):
         if task is None:
             raise ValueError("task prefixes are chosen by the task: pass task=")
         if isinstance(task, int):
-            per_sample = self.prompts[task].unsqueeze(0)  # [1, layers, 2, L, D]
+            prompt = self.generated.prompt(task, self.prompts[task], train)
+            per_sample = prompt.unsqueeze(0)  # [1, layers, 2, L, D]
         else:
-            per_sample = torch.stack(list(self.prompts))[task]  # [B, layers, 2, L, D]
+            slots = self.generated.prompts(self.prompts, train)
+            per_sample = torch.stack(slots)[task]  # [B, layers, 2, L, D]
         prefixes = {layer: per_sample[:, i] for i, layer in enumerate(self.layers)}
         gates: dict[int, PrefixGate] = {int(layer): gate for layer, gate in self.gates.items()}
         zero = per_sample.new_zeros(())
