@@ -2,6 +2,12 @@
 
 Every entry carries a one-line description (for ``clbench list``); an unknown name is a
 :class:`~clbench.errors.UsageError` that lists the valid ones.
+
+Filling the registries means importing the built-in strategy, scenario and backbone
+modules, and with them torch, Avalanche, timm and transformers (tens of seconds on a busy
+CPU). What ``clbench list`` and the checks of bad input need from them is written down in
+:mod:`clbench.catalog`, so the command line reads that instead while this process has
+registered nothing; the registries stay the truth for running.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ class Entry(Generic[T]):
     target: T
     description: str
     spec: Any = None
+    # the module whose import registered it: the catalog holds the built-in ones only
+    module: str = ""
 
 
 class Registry(Generic[T]):
@@ -46,10 +54,12 @@ class Registry(Generic[T]):
         the name is written once, in the decorator.
         """
 
+        module = sys._getframe(1).f_globals.get("__name__", "")
+
         def decorate(target: T) -> T:
             if name in self._entries and self._entries[name].target is not target:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = Entry(name, target, description, spec)
+            self._entries[name] = Entry(name, target, description, spec, module)
             if isinstance(target, type) and hasattr(target, "name"):
                 target.name = name
             return target
@@ -84,13 +94,28 @@ class Registry(Generic[T]):
         _load_builtin_modules()
         return name in self._entries
 
+    def is_empty(self) -> bool:
+        """Nothing registered in this process yet (the built-in modules not loaded)."""
+        return not self._entries
+
 
 STRATEGIES: Registry[Any] = Registry("strategy")
 SCENARIOS: Registry[Any] = Registry("scenario")
 BACKBONES: Registry[Any] = Registry("backbone")
 
-_BUILTIN_PACKAGES = ("clbench.strategies", "clbench.scenarios", "clbench.encoders.zoo")
+BUILTIN_PACKAGES = ("clbench.strategies", "clbench.scenarios", "clbench.encoders.zoo")
 _loaded = False
+
+
+def nothing_registered() -> bool:
+    """True while this process has registered nothing: no built-in module loaded, no
+    user's class or script entry. Only then does the catalog say all the registries know."""
+    return not _loaded and all(r.is_empty() for r in (STRATEGIES, SCENARIOS, BACKBONES))
+
+
+def is_builtin_module(module: str) -> bool:
+    """Whether ``module`` is one of the built-in packages' (whose entries the catalog holds)."""
+    return any(module == p or module.startswith(p + ".") for p in BUILTIN_PACKAGES)
 
 
 def _load_builtin_modules() -> None:
@@ -101,7 +126,7 @@ def _load_builtin_modules() -> None:
     _loaded = True
     import pkgutil
 
-    for package_name in _BUILTIN_PACKAGES:
+    for package_name in BUILTIN_PACKAGES:
         package = importlib.import_module(package_name)
         for info in pkgutil.iter_modules(getattr(package, "__path__", [])):
             if not info.name.startswith("_"):

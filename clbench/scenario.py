@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from clbench.data.files import default_data_root  # noqa: F401  (torch-free; also from here)
 from clbench.data.splits import TaskSplit, check_task_count
 from clbench.metrics import FAMILY_METRICS
 
@@ -113,14 +113,6 @@ class Scenario:
                 f"{len(test.dataset)} test items: {', '.join(self.class_names[c] for c in classes)}"
             )
         return "\n".join(lines)
-
-
-def default_data_root() -> Path:
-    """``$CLBENCH_DATA``, else ``~/.cache/clbench/data``: never the working directory."""
-    env = os.environ.get("CLBENCH_DATA")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "clbench" / "data"
 
 
 def seeded_class_order(num_classes: int, seed: int) -> list[int]:

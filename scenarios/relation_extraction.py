@@ -17,14 +17,19 @@ from typing import Any
 
 from clbench.config import option
 from clbench.data.download import (
-    DataStatus,
     ProgressCallback,
     Resource,
     download,
     file_digest,
     is_verified,
 )
-from clbench.data.files import REPO_ROOT, find_data_file
+from clbench.data.fewrel_files import (  # torch-free: `clbench list` probes with them
+    FEWREL_FULL_FILES,
+    fewrel_candidates,
+    fewrel_data_status,
+    fewrel_offline_data_status,
+)
+from clbench.data.files import find_data_file
 from clbench.data.relations import (
     FEWREL_HOW_TO_GET,
     MAX_LENGTH_HELP,
@@ -51,20 +56,11 @@ FEWREL_MD5 = {
     "val_wiki.json": "3f25573428c0332cb64b367a275ab0c7",
     "pid2name.json": "0fe4c5a197c83668d1c7ef255cba5474",
 }
-FEWREL_FULL_FILES = ("train_wiki.json", "val_wiki.json")  # 64 + 16 = 80 relations
 FEWREL_RELATIONS = 80
 VAL_WIKI_RELATIONS = 16
 # RP-CRE / CRL report the mean over these five seeds; pass them as `clbench run --seed`.
 PAPER_SEEDS = (2021, 2121, 2221, 2321, 2421)
 PROTOCOL_PER_RELATION = (420, 140, 140)  # train / validation / test
-
-
-def fewrel_candidates(filename: str, data_root: Path) -> list[Path]:
-    """Where a FewRel file is looked for: the data root, then the copy beside the repository."""
-    return [
-        Path(data_root) / "fewrel" / filename,
-        REPO_ROOT.parent / "shared" / "data" / "fewrel" / filename,
-    ]
 
 
 def default_fewrel_candidates(filename: str = "val_wiki.json") -> list[Path]:
@@ -87,16 +83,6 @@ class FewRelOfflineOptions(RelationOptions):
     n_train: int = option(420, "training sentences per relation")
     n_val: int = option(140, "validation sentences per relation (kept aside)")
     n_test: int = option(140, "test sentences per relation")
-
-
-def fewrel_offline_data_status(options: FewRelOfflineOptions, data_root: Path) -> DataStatus:
-    candidates = (
-        [Path(options.data_file).expanduser()]
-        if options.data_file
-        else fewrel_candidates("val_wiki.json", data_root)
-    )
-    found = next((path for path in candidates if path.is_file()), candidates[0])
-    return DataStatus(found.is_file(), found, FEWREL_HOW_TO_GET)
 
 
 def fetch_fewrel_offline(
@@ -253,19 +239,6 @@ def fit_per_relation(
         auto = (smallest - 2 * held_out, held_out, held_out)
     given = (n_train, n_val, n_test)
     return tuple(a if g is None else g for g, a in zip(given, auto))  # type: ignore[return-value]
-
-
-def fewrel_data_status(options: FewRelOptions, data_root: Path) -> DataStatus:
-    if options.data_file:
-        path = Path(options.data_file).expanduser()
-        return DataStatus(path.is_file(), path, FEWREL_HOW_TO_GET)
-    found = [
-        next((p for p in fewrel_candidates(name, data_root) if p.is_file()), None)
-        for name in FEWREL_FULL_FILES
-    ]
-    location = Path(data_root) / "fewrel"
-    how = "run `clbench download fewrel` (MIT license, from github.com/thunlp/FewRel)"
-    return DataStatus(all(found), location, how)
 
 
 def fetch_fewrel(

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from clbench.config import option
-from clbench.data.download import DataStatus, ProgressCallback, file_digest
+from clbench.data.download import ProgressCallback, file_digest
 from clbench.data.files import read_json
 from clbench.data.relations import (
     RelationOptions,
@@ -35,11 +35,14 @@ from clbench.data.relations import (
     require_text_encoder,
 )
 from clbench.data.splits import announce, protocol_line
-from clbench.errors import DataNotFoundError, UsageError
+from clbench.data.tacred_files import (  # torch-free: `clbench list` probes with them
+    find_tacred_files,
+    tacred_data_status,
+)
+from clbench.errors import UsageError
 from clbench.registry import SCENARIOS
 from clbench.scenario import Scenario, ScenarioSpec, default_data_root
 
-TACRED_FILES = ("train.json", "dev.json", "test.json")
 EXCLUDED_RELATIONS = ("no_relation", "per:country_of_death")
 TACRED_RELATIONS = 40
 # Bump when the conversion to FewRel format changes, so old token caches stop matching.
@@ -53,16 +56,6 @@ PTB_ESCAPES = {
     "-LCB-": "{",
     "-RCB-": "}",
 }
-
-
-def tacred_license_note(folder: Path) -> str:
-    return (
-        "TACRED is distributed by the Linguistic Data Consortium (LDC2018T24, "
-        "https://catalog.ldc.upenn.edu/LDC2018T24) under a license that forbids "
-        "redistribution, so clbench cannot download it. With access, copy the release's "
-        f"data/json/train.json, dev.json and test.json into {folder} (or pass --set "
-        "scenario.data_file=PATH for one JSON file, or a folder holding those three)"
-    )
 
 
 @dataclass
@@ -80,16 +73,6 @@ class TACREDOptions(RelationOptions):
     )
 
 
-def tacred_data_status(options: TACREDOptions, data_root: Path) -> DataStatus:
-    folder = Path(data_root) / "tacred"
-    try:
-        files = find_tacred_files(options.data_file, folder)
-    except DataNotFoundError:
-        location = Path(options.data_file).expanduser() if options.data_file else folder
-        return DataStatus(False, location, tacred_license_note(folder), downloadable=False)
-    return DataStatus(True, files[0].parent if len(files) > 1 else files[0], "")
-
-
 def check_tacred_present(
     options: TACREDOptions,
     data_root: Path,
@@ -100,30 +83,6 @@ def check_tacred_present(
     folder = Path(data_root) / "tacred"
     files = find_tacred_files(options.data_file, folder)
     return files[0].parent if len(files) > 1 else files[0]
-
-
-def find_tacred_files(data_file: str | None, default_folder: Path) -> list[Path]:
-    """The JSON file(s) to read; a missing one explains the license and where to put it."""
-    if data_file is not None:
-        path = Path(data_file).expanduser()
-        if path.is_file():
-            return [path]
-        if not path.is_dir():
-            raise DataNotFoundError(
-                f"TACRED data {path} not found (looked in: {path}); "
-                f"{tacred_license_note(default_folder)}"
-            )
-        folder = path
-    else:
-        folder = default_folder
-    expected = [folder / name for name in TACRED_FILES]
-    missing = [p for p in expected if not p.is_file()]
-    if missing:
-        raise DataNotFoundError(
-            f"TACRED files missing: {', '.join(str(p) for p in missing)} (looked in: {folder}); "
-            f"{tacred_license_note(default_folder)}"
-        )
-    return expected
 
 
 def tacred_record_to_example(record: Any, where: str) -> tuple[str, dict]:

@@ -12,6 +12,7 @@ import torch
 from real_formats import cub_tarball, five_datasets_files, notmnist_zip
 from test_download import md5, run_cli
 
+from clbench.data import five_datasets_files as five_layout
 from clbench.data.download import ChecksumMismatchError
 from clbench.errors import DataNotFoundError, UsageError
 from clbench.registry import SCENARIOS
@@ -155,7 +156,7 @@ def five_mirror(server, five_files, monkeypatch) -> str:
             server.files[f"/mirror/{key}/{name}"] = body
         md5s = {name: md5(body) for name, body in files.items()}
         sources[key] = dataclasses.replace(five.SOURCES[key], md5=md5s)
-    monkeypatch.setattr(five, "SOURCES", sources)
+    monkeypatch.setattr(five_layout, "SOURCES", sources)  # what the downloads read
     return server.url("/mirror")
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clbench.data import relation_tokens
+from clbench.data import fewrel_files, relation_tokens
 from clbench.data.relation_tokens import encode_relation_examples
 from clbench.data.relations import (
     load_fewrel_json,
@@ -18,7 +18,6 @@ from clbench.data.relations import (
 from clbench.errors import DataNotFoundError, UsageError
 from clbench.registry import SCENARIOS
 from clbench.scenario import ScenarioSpec, check_task_count, split_into_tasks
-from clbench.scenarios import relation_extraction as rex
 from clbench.scenarios.offline_vision import DigitsOptions, digits_offline
 from clbench.scenarios.relation_extraction import FewRelOfflineOptions, fewrel_offline
 
@@ -189,7 +188,7 @@ def test_missing_file_says_where_and_how(tmp_path, monkeypatch, text_encoder):
         load_fewrel_json(missing)
     # the default lookup lists every place it tried
     monkeypatch.setenv("CLBENCH_DATA", str(tmp_path / "data"))
-    monkeypatch.setattr(rex, "REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(fewrel_files, "REPO_ROOT", tmp_path / "repo")
     with pytest.raises(DataNotFoundError) as info:
         fewrel_offline(FewRelOfflineOptions(), text_encoder, seed=0)
     assert str(tmp_path / "data" / "fewrel" / "val_wiki.json") in str(info.value)

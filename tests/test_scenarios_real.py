@@ -12,6 +12,7 @@ import test_download
 import torch
 from test_download import IMAGENET_R_SIZES, cifar100_tarball, imagenet_r_tar, md5
 
+from clbench.data import fewrel_files
 from clbench.data.relations import split_relation_examples
 from clbench.data.splits import automatic_split, resolve_task_split
 from clbench.errors import DataNotFoundError, UsageError
@@ -262,7 +263,7 @@ def fewrel_mirror(server, monkeypatch, tmp_path) -> FewRelOptions:
     for name, body in files.items():
         server.files[f"/fewrel/{name}"] = body
     monkeypatch.setattr(rex, "FEWREL_MD5", {name: md5(body) for name, body in files.items()})
-    monkeypatch.setattr(rex, "REPO_ROOT", tmp_path / "no-repo")  # ignore ../shared copies
+    monkeypatch.setattr(fewrel_files, "REPO_ROOT", tmp_path / "no-repo")  # ignore ../shared copies
     return FewRelOptions(base_url=server.url("/fewrel"), max_length=32)
 
 

@@ -7,7 +7,10 @@ sweep    sweep: a grid of runs, locally or on Ray
 Every command module adds its sub-parsers with ``add_parsers`` and sets the function that
 runs it as the ``handler`` default; :func:`main` parses, dispatches and turns a
 :class:`~clbench.errors.UsageError` into one line on stderr and exit code 2. Nothing here
-imports torch: ``clbench --help`` and the reporting commands start as fast as Python.
+imports torch: ``clbench --help``, ``list``, ``show``, the reporting commands and the
+refusal of bad input start as fast as Python (names, presets and options come from the
+catalog, :mod:`clbench.catalog`; :mod:`clbench.cli.preflight` checks a run with it).
+Torch is imported when a run or a download really starts.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""Small helpers for data files: where the repository is, reading JSON, finding a file."""
+"""Small helpers for data files: where the repository and the data root are, reading JSON,
+finding a file. Torch-free: ``clbench list`` probes for data with them."""
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,14 @@ from clbench.errors import DataNotFoundError, UsageError
 # The repository root (clbench/data/ sits two levels inside it): data shipped beside a
 # checkout, in ../shared/data, is looked up from here.
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def default_data_root() -> Path:
+    """``$CLBENCH_DATA``, else ``~/.cache/clbench/data``: never the working directory."""
+    env = os.environ.get("CLBENCH_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "clbench" / "data"
 
 
 def read_json(path: Path) -> Any:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from clbench.config import Options, option
+from clbench.data.fewrel_files import FEWREL_HOW_TO_GET
 from clbench.data.files import read_json
 from clbench.data.relation_tokens import encode_relation_examples_cached
 from clbench.data.splits import (
@@ -37,11 +38,6 @@ from clbench.scenario import (
     seeded_class_order,
 )
 
-FEWREL_HOW_TO_GET = (
-    "FewRel is MIT-licensed: download data/val_wiki.json (and data/pid2name.json for the "
-    "relation names) from https://github.com/thunlp/FewRel and put it in one of those "
-    "places, or pass --set scenario.data_file=PATH"
-)
 MAX_LENGTH_HELP = "tokens per sentence, [CLS]/[SEP]/markers included"
 
 
