@@ -13,11 +13,14 @@ anything is written; ``execute`` runs it into a run folder and can resume one.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import resource
 import signal
+import socket
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from datetime import datetime
@@ -31,16 +34,44 @@ from avalanche.core import SupervisedPlugin
 from clbench import __version__
 from clbench.config import apply_overrides, authors_quirks
 from clbench.errors import UsageError
+from clbench.kill_switch import kill_switch_plugins
+from clbench.progress import close_all, progress
 from clbench.registry import BACKBONES, SCENARIOS, load_strategy_class, options_class
+from clbench.resolution import (
+    AUTHORS_PRESET,
+    SCENARIO_PRESET_PREFIX,
+    authors_preset_name,
+    check_device_name,
+    resolve_preset,
+    split_preset,
+)
 from clbench.results import ExperienceRecord, RunFolder
 from clbench.results.checkpoint import load_checkpoint, save_checkpoint
 from clbench.results.folder import EVALUATE_CHOICES, evaluation_mode
+from clbench.results.run_log import ConsoleLog, saved_console
+from clbench.run_loggers import RunLoggers, parse_logger_kinds, run_evaluator
 from clbench.scenario import Scenario, ScenarioSpec
 from clbench.strategy import CLStrategy, EpochProgress
+from clbench.training import EvalProgress
 
-__all__ = ["RunRequest", "execute", "new_run_folder", "options_class", "resolve_run"]
+# the preset steps live in clbench.resolution (torch-free, for the CLI's checks); their
+# names stay importable from here
+__all__ = [
+    "AUTHORS_PRESET",
+    "SCENARIO_PRESET_PREFIX",
+    "RunRequest",
+    "authors_preset_name",
+    "execute",
+    "new_run_folder",
+    "options_class",
+    "resolve_preset",
+    "resolve_run",
+    "split_preset",
+]
 
 PROTOCOL_VERSION = 1
+# options that name a file or folder, recorded absolute in config.json
+PATH_OPTIONS = {"scenario": ("data_file",), "backbone": ("checkpoint", "path")}
 log = logging.getLogger(__name__)
 
 
@@ -57,89 +88,17 @@ class RunRequest:
     device: str = "auto"
     # which test experiences are evaluated after each experience: "seen" (0..t) or "all"
     evaluate: Literal["seen", "all"] = "seen"
+    # --logger values (names or comma lists): Avalanche loggers in RUN_DIR/logs/<kind>
+    loggers: list[str] = field(default_factory=list)
 
 
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UsageError(f"unknown device {device!r}; valid choices: auto, cpu, cuda")
+    check_device_name(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but torch sees no CUDA device")
     return device
-
-
-# a preset key "scenario.<option>" sets a scenario option (the quick presets shrink the data)
-SCENARIO_PRESET_PREFIX = "scenario."
-
-
-def resolve_preset(
-    strategy_class: type[CLStrategy], preset: str, scenario: str, protocol: str = ""
-) -> tuple[str, dict[str, Any]]:
-    """``auto`` = the strategy's preset named after the scenario if it has one, else defaults.
-
-    ``authors`` = the authors' official code's settings for this scenario: the preset
-    ``authors:<scenario>``, else ``authors:<protocol>`` (the paper protocol the scenario
-    follows, so fewrel-offline takes the fewrel one); the name recorded is the one found.
-
-    The values keep their keys: strategy hyper-parameters bare, scenario options as
-    ``scenario.<option>`` (see :func:`split_preset`).
-    """
-    presets = strategy_class.presets
-    if preset == "auto":
-        preset = scenario if scenario in presets else "default"
-    if preset == "default":
-        return preset, {}
-    if preset == AUTHORS_PRESET:
-        return _authors_preset(strategy_class, scenario, protocol)
-    if preset not in presets:
-        valid = ", ".join(["auto", "default", *sorted(presets)])
-        raise UsageError(
-            f"unknown preset {preset!r} for {strategy_class.name}; valid choices: {valid}"
-        )
-    return preset, dict(presets[preset])
-
-
-AUTHORS_PRESET = "authors"
-
-
-def authors_preset_name(scenario: str) -> str:
-    return f"{AUTHORS_PRESET}:{scenario}"
-
-
-def _authors_preset(
-    strategy_class: type[CLStrategy], scenario: str, protocol: str
-) -> tuple[str, dict[str, Any]]:
-    presets = strategy_class.presets
-    for name in (authors_preset_name(scenario), authors_preset_name(protocol)):
-        if name in presets:
-            return name, dict(presets[name])
-    prefix = authors_preset_name("")
-    known = sorted(p.removeprefix(prefix) for p in presets if p.startswith(prefix))
-    where = ", ".join(known) if known else "none"
-    raise UsageError(
-        f"{strategy_class.name} has no authors preset for scenario {scenario!r}; "
-        f"scenarios with one: {where}"
-    )
-
-
-def split_preset(
-    values: dict[str, Any], scenario_fields: set[str]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A preset's strategy values and the scenario options among ``scenario_fields``.
-
-    One preset (``quick``) serves every scenario, so a ``scenario.<option>`` key applies
-    to the scenarios that have that option (``scenario.n_train`` shrinks fewrel-offline
-    and leaves digits-offline, which has no such option, as it is).
-    """
-    strategy_values: dict[str, Any] = {}
-    scenario_values: dict[str, Any] = {}
-    for key, value in values.items():
-        if not key.startswith(SCENARIO_PRESET_PREFIX):
-            strategy_values[key] = value
-        elif (option := key.removeprefix(SCENARIO_PRESET_PREFIX)) in scenario_fields:
-            scenario_values[option] = value
-    return strategy_values, scenario_values
 
 
 def resolve_run(request: RunRequest) -> dict[str, Any]:
@@ -180,23 +139,28 @@ def resolve_run(request: RunRequest) -> dict[str, Any]:
         raise UsageError(
             f"unknown evaluate {request.evaluate!r}; valid choices: {', '.join(EVALUATE_CHOICES)}"
         )
+    loggers = parse_logger_kinds(request.loggers)
     return {
         "clbench_version": __version__,
         "protocol_version": PROTOCOL_VERSION,
-        "strategy": request.strategy,
+        "strategy": absolute_strategy_file(request.strategy),
         "scenario": request.scenario,
         "backbone": backbone,
+        # from the backbone's registration: its numbers are chance level (tables say so)
+        "backbone_random_weights": _random_weights(backbone, backbone_options),
         "seed": request.seed,
         "preset": preset,
         "device": resolve_device(request.device),
         "strategy_options": strategy_config.to_dict(),
-        "scenario_options": scenario_options.to_dict(),
-        "backbone_options": backbone_options.to_dict(),
+        "scenario_options": _absolute_paths(scenario_options.to_dict(), PATH_OPTIONS["scenario"]),
+        "backbone_options": _absolute_paths(backbone_options.to_dict(), PATH_OPTIONS["backbone"]),
         # what the tables need to know about the scenario, so they never special-case names
         "scenario_family": spec.family,
         "scenario_protocol": spec.protocol or request.scenario,
         "metrics": list(spec.metrics),
         "evaluate": request.evaluate,
+        # only when asked for: other configurations (and sweep identities) stay as they were
+        **({"loggers": loggers} if loggers else {}),
         # options that reproduce the authors' code rather than their paper (tables mark them)
         "authors_quirks": [
             *authors_quirks(strategy_config),
@@ -204,6 +168,34 @@ def resolve_run(request: RunRequest) -> dict[str, Any]:
             *authors_quirks(backbone_options, "backbone."),
         ],
     }
+
+
+def absolute_strategy_file(strategy: str) -> str:
+    """``file.py:Class`` with the file made absolute, so that ``--resume`` from another
+    folder imports the same file; a registered name or ``module:Class`` as given."""
+    module_part, colon, class_name = strategy.rpartition(":")
+    if colon and (module_part.endswith(".py") or "/" in module_part):
+        return f"{os.path.abspath(os.path.expanduser(module_part))}:{class_name}"
+    return strategy
+
+
+def _absolute_paths(options: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The file options among ``options`` made absolute (``--resume`` from any folder)."""
+    return {
+        key: os.path.abspath(os.path.expanduser(value))
+        if key in names and isinstance(value, str) and value
+        else value
+        for key, value in options.items()
+    }
+
+
+def _random_weights(backbone: str, options: Any) -> bool:
+    # imported here: at module level it would register the backbones before anything
+    # asked for them (the catalog is trusted only while nothing is registered)
+    from clbench.encoders.zoo import RandomInit
+
+    spec = BACKBONES.spec(backbone)
+    return isinstance(spec, RandomInit) and spec.random_weights(options)
 
 
 def _check_at_least_one(options: Any, names: tuple[str, ...]) -> None:
@@ -273,20 +265,31 @@ def build_components(config: dict[str, Any]) -> tuple[CLStrategy, Scenario]:
     backbone_factory = BACKBONES.get(config["backbone"])
     encoder = backbone_factory(options_class(backbone_factory)(**config["backbone_options"]))
     scenario_factory = SCENARIOS.get(config["scenario"])
-    scenario = scenario_factory(
-        options_class(scenario_factory)(**config["scenario_options"]), encoder, config["seed"]
-    )
+    with progress(None, f"preparing scenario {config['scenario']}"):
+        scenario = scenario_factory(
+            options_class(scenario_factory)(**config["scenario_options"]), encoder, config["seed"]
+        )
     strategy_class = load_strategy_class(config["strategy"])
     strategy = strategy_class(
         encoder=encoder,
         num_classes=scenario.num_classes,
         config=strategy_class.Config(**config["strategy_options"]),
         device=config["device"],
-        plugins=[EpochProgress()],
+        # progress lines for training and evaluation; the kill switch: tests only
+        plugins=[EpochProgress(), EvalProgress(), *kill_switch_plugins()],
+        evaluator=run_evaluator(config),
         class_names=scenario.class_names,
         num_tasks=scenario.num_experiences,
     )
     return strategy, scenario
+
+
+def _epoch_history(strategy: CLStrategy) -> list[dict[str, float]]:
+    """What the run's EpochProgress measured over the experience just trained."""
+    for plugin in strategy.plugins:
+        if isinstance(plugin, EpochProgress):
+            return list(plugin.epochs)
+    return []
 
 
 def _terminate_as_interrupt(signum: int, frame: Any) -> None:
@@ -305,7 +308,9 @@ def execute(
     A new run builds its encoder, scenario and strategy *before* the folder is created, so
     bad input that only shows while building (a missing data set, options a strategy's
     ``setup`` refuses) raises with nothing written. ``echo`` receives the progress lines
-    (default: the ``clbench.runner`` logger).
+    (default: the ``clbench.runner`` logger). Everything printed meanwhile is also kept
+    in the folder's run.log (:mod:`clbench.results.run_log`; appended on resume), with the
+    traceback of a run that fails.
     """
     say = echo if echo is not None else log.info
     if resume:
@@ -315,16 +320,35 @@ def execute(
         if folder.status().get("state") == "complete":
             say(f"{folder.path}: already complete")
             return folder
-        components = build_components(config)
-    else:
-        assert config is not None
-        components = build_components(config)
+    assert config is not None
+    # the console goes into RUN_DIR/run.log too, from the first line of building on
+    with saved_console() as console:
+        try:
+            return _execute(folder, config, resume, say, console)
+        except KeyboardInterrupt:
+            raise  # the run loop said how to resume
+        except BaseException:
+            console.note(traceback.format_exc())
+            raise
+
+
+def _execute(
+    folder: RunFolder,
+    config: dict[str, Any],
+    resume: bool,
+    say: Callable[[str], None],
+    console: ConsoleLog,
+) -> RunFolder:
+    components = build_components(config)
+    if not resume:
         folder.path.mkdir(parents=True, exist_ok=False)
         folder.write_config(config)
+    console.keep_in(folder.path, _log_header(resume))
     folder.write_environment(config["device"])
     previous_handler = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    run_loggers = RunLoggers(folder, config, components[0])
     try:
-        return _run_experiences(folder, config, components, resume, say)
+        return _run_experiences(folder, config, components, resume, say, run_loggers)
     except KeyboardInterrupt:
         finished = len(folder.records())
         folder.set_status("interrupted", finished_experiences=finished)
@@ -341,7 +365,18 @@ def execute(
         )
         raise
     finally:
+        close_all()  # no progress bar or heartbeat outlives a run that raised mid-phase
+        run_loggers.close()
         signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _log_header(resume: bool) -> str:
+    """The line before each process's part of run.log (a resumed run appends its own)."""
+    what = "resumed" if resume else "started"
+    return (
+        f"=== clbench {__version__} run {what} on {socket.gethostname()}, pid {os.getpid()}, "
+        f"{datetime.now().isoformat(timespec='seconds')} ==="
+    )
 
 
 def _run_experiences(
@@ -350,6 +385,7 @@ def _run_experiences(
     components: tuple[CLStrategy, Scenario],
     resume: bool,
     echo: Callable[[str], None],
+    run_loggers: RunLoggers,
 ) -> RunFolder:
     strategy, scenario = components
     train_stream = scenario.benchmark.train_stream
@@ -363,6 +399,7 @@ def _run_experiences(
             folder.append_record(ExperienceRecord(**checkpoint["record"]))
         echo(f"resuming {folder.path} after {start} finished experiences")
     folder.set_status("running", finished_experiences=start)
+    run_loggers.open(start, resumed=resume)
     echo(
         f"run {folder.path}\n{scenario.summary()}\nstrategy {config['strategy']} "
         f"(preset {config['preset']}), backbone {config['backbone']}, device {config['device']}, "
@@ -399,16 +436,20 @@ def _run_experiences(
             eval_seconds=eval_seconds,
             peak_memory_mb=_peak_memory_mb(device),
             extra=strategy.evaluation_summary(),
+            epochs=_epoch_history(strategy),
         )
-        save_checkpoint(
+        written = save_checkpoint(
             folder,
             {
-                "strategy": strategy.state_dict(),
+                "strategy": strategy.state_dict(include_query_cache=False),
                 "finished_experiences": index + 1,
                 "record": vars(record),
             },
+            query_cache=strategy.query_cache,  # written incrementally, beside the state
         )
+        record.checkpoint_bytes, record.checkpoint_seconds = written.bytes_written, written.seconds
         folder.append_record(record)
+        run_loggers.after_experience()
         folder.set_status("running", finished_experiences=index + 1)
         summary = folder.metrics()
         seen_row = " ".join(f"{a:5.1f}" for a in record.accuracy[: index + 1])

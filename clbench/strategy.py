@@ -459,8 +459,14 @@ class CLStrategy(SupervisedTemplate):
         return super().eval(experiences, **kwargs)
 
     # -- checkpoints ------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """Everything but the frozen encoder weights, which are never copied."""
+    def state_dict(self, *, include_query_cache: bool = True) -> dict[str, Any]:
+        """Everything but the frozen encoder weights, which are never copied.
+
+        ``include_query_cache=False`` leaves the query cache out ("query_cache": None): the
+        run loop's checkpoints write it incrementally beside the state
+        (:func:`clbench.results.checkpoint.save_checkpoint`), since it grows with every
+        input seen while the rest stays the same size.
+        """
         model_state = {
             key: value.detach().cpu().clone()
             for key, value in self.model.state_dict().items()
@@ -480,11 +486,13 @@ class CLStrategy(SupervisedTemplate):
             "task_classes": self.task_classes,
             "seen_classes": self.seen_classes.cpu(),
             "current_task": self.current_task,
-            "query_cache": self.query_cache.state_dict(),
+            "query_cache": self.query_cache.state_dict() if include_query_cache else None,
             "extra": self.extra_state(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state`` (from :meth:`state_dict`, or from a run's checkpoint, whose
+        query cache :func:`~clbench.results.checkpoint.load_checkpoint` gives as parts)."""
         if self.num_tasks is None:  # checkpoints before num_tasks was stored have None here
             self.num_tasks = state.get("num_tasks")
         if not self.is_set_up:
@@ -506,6 +514,7 @@ class CLStrategy(SupervisedTemplate):
         self.task_classes = [list(c) for c in state["task_classes"]]
         self.seen_classes = state["seen_classes"].to(self.device)
         self.current_task = state["current_task"]
-        self.query_cache.load_state_dict(state["query_cache"], self.device)
+        if state["query_cache"] is not None:  # None: left out, the cache stays as it is
+            self.query_cache.load_state_dict(state["query_cache"], self.device)
         self.current_classes = self.task_classes[-1] if self.task_classes else []
         self.load_extra_state(state["extra"])

@@ -2,9 +2,9 @@
 clbench; run by that script inside its own virtual environment, prints one JSON line.
 
 Avalanche's built-in L2P (avalanche.models.timm_vit) is written against timm 0.6.13,
-while clbench needs timm 1.x, so this file runs in a venv made with
-``--system-site-packages`` plus ``timm==0.6.13`` and imports nothing from clbench. The
-measuring code (synthetic benchmark, iteration clock, peak memory, weight bytes) lives
+while clbench needs timm 1.x, so this file runs in a peer venv that holds timm 0.6.13 and
+sees the benchmark's environment for everything else (scripts/_peer_venv.py), and imports
+nothing from clbench. The measuring code (synthetic benchmark, iteration clock, peak memory, weight bytes) lives
 here and the main script imports it too, so both sides are measured by the same lines.
 
 Two things make Avalanche's L2P runnable offline and at any ViT width:
@@ -17,8 +17,9 @@ Two things make Avalanche's L2P runnable offline and at any ViT width:
 * ``LearningToPrompt`` hard-codes its classifier as ``nn.Linear(768, num_classes)``, which
   only fits ViT-B; the head is replaced by one of the model's width right after
   construction (its optimizer is rebuilt at every experience, so the new head trains).
-  Avalanche's model list also lacks ``vit_small_patch16_224``; it is added to
-  ``avalanche.models.vit`` with timm's ViT-S/16 sizes.
+  Avalanche's model list also lacks ``vit_small_patch16_224`` and ViTs of other depths
+  (``--depth``, for quick runs); they are added to ``avalanche.models.vit`` with timm's
+  sizes (:func:`avalanche_model_name`).
 """
 
 from __future__ import annotations
@@ -283,6 +284,9 @@ def check_arguments(
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The settings both sides take, with the same names and defaults."""
     parser.add_argument("--model", default="vit_tiny_patch16_224", choices=sorted(VIT_SIZES))
+    parser.add_argument(
+        "--depth", type=int, default=0, help="blocks of the ViT (0: the model's own, 12)"
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--eval-batch-size", type=int, default=16)
@@ -322,36 +326,53 @@ def prepare_process(args: argparse.Namespace) -> torch.device:
 # -- Avalanche's side ----------------------------------------------------------------------
 
 
-def register_vit_small() -> None:
-    """Add ViT-S/16 to Avalanche's model list (``create_model`` looks names up there)."""
+def avalanche_model_name(model: str, depth: int = 0) -> str:
+    """The name under which Avalanche's ``create_model`` builds ``model`` with ``depth``
+    blocks (0: its own 12): Avalanche's own names, and otherwise one added to
+    ``avalanche.models.vit`` (where ``create_model`` looks names up), such as ViT-S/16,
+    which Avalanche lacks, or a shallower ViT for quick runs."""
     import avalanche.models.vit as avalanche_vit
 
-    if hasattr(avalanche_vit, "vit_small_patch16_224"):
-        return
+    width, own_depth, heads = VIT_SIZES[model]
+    depth = depth or own_depth
+    name = model if depth == own_depth else f"{model}_depth{depth}"
+    if hasattr(avalanche_vit, name):
+        return name
 
-    def vit_small_patch16_224(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    def build(pretrained: bool = False, **kwargs: Any) -> nn.Module:
         from avalanche.models.timm_vit import _create_vision_transformer
 
-        sizes = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
-        return _create_vision_transformer(
-            "vit_small_patch16_224", pretrained=pretrained, **sizes, **kwargs
-        )
+        sizes = dict(patch_size=16, embed_dim=width, depth=depth, num_heads=heads)
+        # timm 0.6.13 knows the model's own name (its pretrained config, never fetched)
+        return _create_vision_transformer(model, pretrained=pretrained, **sizes, **kwargs)
 
-    avalanche_vit.vit_small_patch16_224 = vit_small_patch16_224
+    setattr(avalanche_vit, name, build)
+    return name
 
 
-def run_avalanche(args: argparse.Namespace) -> dict[str, Any]:
-    import timm
+def autocast_forward(strategy: Any, device: torch.device, precision: str) -> None:
+    """Run ``strategy.forward`` (the frozen query pass and the prompted pass) under bf16
+    autocast, logits back in fp32 for the loss: Avalanche's L2P has no precision option,
+    so its bf16 rows are this, added here, as clbench's ``precision=bf16`` does it."""
+    if precision == "fp32":
+        return
+    forward = strategy.forward
+
+    def forward_in_bf16() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = forward()
+        return logits.float()
+
+    strategy.forward = forward_in_bf16
+
+
+def build_avalanche_l2p(args: argparse.Namespace, device: torch.device, **settings: Any) -> Any:
+    """Avalanche's LearningToPrompt with the benchmark's settings, random weights, a head
+    of the model's width and ``args.precision``; ``settings`` go to its constructor."""
     from avalanche.training import LearningToPrompt
-    from avalanche.training.plugins import EvaluationPlugin
 
-    device = prepare_process(args)
-    benchmark = throughput_benchmark(args)
-    memory = PeakMemory(device)
-    baseline = memory.current_mib()
-    register_vit_small()
     strategy = LearningToPrompt(
-        model_name=args.model,
+        model_name=avalanche_model_name(args.model, args.depth),
         pretrained=False,  # random weights, no hub (see the module docstring)
         num_classes=args.num_classes,
         pool_size=args.pool_size,
@@ -359,21 +380,38 @@ def run_avalanche(args: argparse.Namespace) -> dict[str, Any]:
         top_k=args.top_k,
         train_mb_size=args.batch_size,
         eval_mb_size=args.eval_batch_size,
-        train_epochs=1,
         device=device,
-        # the same as clbench's quiet evaluator: no metrics, no loggers in the timed loop
-        evaluator=EvaluationPlugin(loggers=[]),
         # L2P's defaults, spelled out: prompt-token mean head, learnable keys, [CLS] query
         head_type="prompt",
         prompt_key=True,
         embedding_key="cls",
         batchwise_prompt=False,
         use_cls_features=True,
+        **settings,
     )
     width = strategy.model.embed_dim
     if width != VIT_SIZES[args.model][0]:
         raise RuntimeError(f"Avalanche built {args.model} with width {width}")
     strategy.model.head = nn.Linear(width, args.num_classes).to(device)  # it hard-codes 768
+    autocast_forward(strategy, device, args.precision)
+    return strategy
+
+
+def run_avalanche(args: argparse.Namespace) -> dict[str, Any]:
+    import timm
+    from avalanche.training.plugins import EvaluationPlugin
+
+    device = prepare_process(args)
+    benchmark = throughput_benchmark(args)
+    memory = PeakMemory(device)
+    baseline = memory.current_mib()
+    strategy = build_avalanche_l2p(
+        args,
+        device,
+        train_epochs=1,
+        # the same as clbench's quiet evaluator: no metrics, no loggers in the timed loop
+        evaluator=EvaluationPlugin(loggers=[]),
+    )
     result = measure(
         strategy,
         benchmark,
@@ -386,7 +424,7 @@ def run_avalanche(args: argparse.Namespace) -> dict[str, Any]:
     result.update(
         name="avalanche l2p",
         timm=timm.__version__,
-        precision="fp32",
+        precision=args.precision,
         python=sys.executable,
         note="Avalanche LearningToPrompt, timm 0.6.13 venv",
     )
@@ -397,6 +435,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     args = parser.parse_args()
     import timm
 

@@ -5,11 +5,12 @@ prompt length L_p and top-k N, it measures training items/s, evaluation items/s 
 memory of
 
 * Avalanche's ``avalanche.training.LearningToPrompt``, which needs timm 0.6.13: it runs
-  in a virtual environment this script creates (``python -m venv --system-site-packages``
-  at ~/.cache/clbench/bench-venv, then ``pip install timm==0.6.13`` into it), in a
-  subprocess that prints JSON (scripts/_avalanche_l2p_worker.py; that file says how its
-  random-init model is built offline);
-* clbench's l2p (on a GPU at fp32 and bf16), hide-prompt and norga,
+  in a peer virtual environment made on first use at ~/.cache/clbench/bench-venv
+  (``--venv``), which holds timm 0.6.13 alone and sees every other package of the
+  environment this script runs in (scripts/_peer_venv.py says how), in a subprocess that
+  prints JSON (scripts/_avalanche_l2p_worker.py; that file says how its random-init model
+  is built offline); ``--wheels DIR`` installs that timm offline;
+* clbench's l2p, hide-prompt and norga,
 
 each in a fresh process, timed by the same code (the worker's ``measure``), and prints a
 table and the clbench / Avalanche ratios. Then, on a small 5-task synthetic scenario, it
@@ -24,8 +25,10 @@ Rates exclude the first ``--warmup`` batches of each pass. "train, 1st" is the f
 epoch over a training set, "train, again" every later one (the synthetic images are not
 augmented, so clbench runs with ``cache_train_queries`` and reuses their queries, as it
 always does for text); "eval, 1st" is the first evaluation of a test set (clbench computes
-and caches each item's query then), "eval, again" every later one. Memory is CUDA allocated bytes on a GPU; on a CPU the process's
-peak resident set, also shown above the process's footprint before the model was built.
+and caches each item's query then), "eval, again" every later one. Every side runs at each
+of ``--precisions`` (fp32 on a CPU, bf16 and fp32 on a GPU). Memory is CUDA allocated
+bytes on a GPU; on a CPU the process's peak resident set, also shown above the process's
+footprint before the model was built. scripts/bench_whole_run.py times whole runs.
 """
 
 from __future__ import annotations
@@ -55,53 +58,15 @@ from _avalanche_l2p_worker import (  # noqa: E402  (the scripts folder is not a 
     synthetic_benchmark,
     throughput_benchmark,
 )
+from _peer_venv import (  # noqa: E402
+    AVALANCHE_TIMM,
+    DEFAULT_VENV,
+    ensure_peer_venv,
+    peer_environment,
+)
 
 WORKER = SCRIPTS / "_avalanche_l2p_worker.py"
-AVALANCHE_TIMM = "0.6.13"
-DEFAULT_VENV = (
-    Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "clbench" / "bench-venv"
-)
 CLBENCH_STRATEGIES = ("l2p", "hide-prompt", "norga")
-
-
-# -- the Avalanche side's environment -----------------------------------------------------
-
-
-def venv_python(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
-def timm_version(python: Path) -> str | None:
-    probe = subprocess.run(
-        [str(python), "-c", "import timm; print(timm.__version__)"],
-        capture_output=True,
-        text=True,
-        env=child_environment(),
-    )
-    return probe.stdout.strip().splitlines()[-1] if probe.returncode == 0 else None
-
-
-def ensure_venv(venv: Path) -> Path:
-    """A venv that sees this interpreter's packages (torch, avalanche) but has timm 0.6.13."""
-    python = venv_python(venv)
-    if not python.exists():
-        print(f"creating {venv} (--system-site-packages) for Avalanche's L2P", flush=True)
-        subprocess.run(
-            [sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True
-        )
-    if timm_version(python) != AVALANCHE_TIMM:
-        print(f"installing timm=={AVALANCHE_TIMM} into {venv}", flush=True)
-        install = subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", f"timm=={AVALANCHE_TIMM}"]
-        )
-        found = timm_version(python)
-        if install.returncode != 0 or found != AVALANCHE_TIMM:
-            raise SystemExit(
-                f"could not put timm {AVALANCHE_TIMM} into {venv} (found {found}); install it "
-                f"by hand ({python} -m pip install timm=={AVALANCHE_TIMM}) or pass "
-                "--skip-avalanche"
-            )
-    return python
 
 
 # -- running one side in a fresh process ---------------------------------------------------
@@ -117,6 +82,8 @@ def common_arguments(args: argparse.Namespace) -> list[str]:
     return [
         "--model",
         args.model,
+        "--depth",
+        str(args.depth),
         "--device",
         args.device,
         "--batch-size",
@@ -144,10 +111,22 @@ def common_arguments(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def run_child(command: list[str], what: str) -> dict[str, Any]:
-    """Run ``command``; its stdout ends with a line "RESULT {json}"."""
+def run_child(
+    command: list[str],
+    what: str,
+    environment: dict[str, str] | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Run ``command``; its stdout ends with a line "RESULT {json}". Past ``timeout``
+    seconds it is killed (``subprocess.TimeoutExpired``)."""
     began = time.perf_counter()
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=child_environment())
+    done = subprocess.run(
+        command,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=environment or child_environment(),
+        timeout=timeout,
+    )
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
         sys.stdout.write(done.stdout)
@@ -218,7 +197,8 @@ def build_clbench_strategy(
 def make_encoder(args: argparse.Namespace) -> Any:
     from clbench.encoders.vit import create_vit
 
-    return create_vit(args.model, pretrained=False)  # timm 1.x, the same architecture
+    depth = {"depth": args.depth} if args.depth else {}
+    return create_vit(args.model, pretrained=False, **depth)  # timm 1.x, the same architecture
 
 
 def run_clbench(args: argparse.Namespace) -> dict[str, Any]:
@@ -323,10 +303,7 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def label(result: dict[str, Any]) -> str:
-    name = result["name"]
-    if name.startswith("clbench l2p"):
-        name += f" {result['precision']}"
-    return name
+    return f"{result['name']} {result['precision']}"
 
 
 def throughput_table(results: list[dict[str, Any]], on_cpu: bool) -> str:
@@ -361,12 +338,14 @@ def throughput_table(results: list[dict[str, Any]], on_cpu: bool) -> str:
 
 
 def ratio_lines(results: list[dict[str, Any]], on_cpu: bool) -> list[str]:
-    reference = next((r for r in results if r["name"] == "avalanche l2p"), None)
-    if reference is None:
+    """Each clbench l2p row against Avalanche's row at the same precision (its first row
+    where that precision was not run)."""
+    references = {r["precision"]: r for r in results if r["name"] == "avalanche l2p"}
+    if not references:
         return []
     lines = [
-        "ratios, clbench l2p / Avalanche LearningToPrompt (throughput: higher is better; "
-        "memory: lower is better):"
+        "ratios, clbench l2p / Avalanche LearningToPrompt at the same precision (throughput: "
+        "higher is better; memory: lower is better):"
     ]
 
     def eval_peak(r: dict[str, Any]) -> float:
@@ -375,6 +354,7 @@ def ratio_lines(results: list[dict[str, Any]], on_cpu: bool) -> list[str]:
     for r in results:
         if not r["name"].startswith("clbench l2p"):
             continue
+        reference = references.get(r["precision"], next(iter(references.values())))
         parts = [
             f"train 1st {r['train_items_per_s'] / reference['train_items_per_s']:.2f}x",
             f"train again {r['train_again_items_per_s'] / reference['train_again_items_per_s']:.2f}x",
@@ -389,7 +369,7 @@ def ratio_lines(results: list[dict[str, Any]], on_cpu: bool) -> list[str]:
                 reference["train_peak_mib"] - reference["baseline_mib"], 1e-9
             )
             parts.append(f"train peak above pre-model footprint {above:.2f}x")
-        lines.append(f"  {label(r)}: " + ", ".join(parts))
+        lines.append(f"  {label(r)} / {label(reference)}: " + ", ".join(parts))
     return lines
 
 
@@ -446,14 +426,21 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=["fp32", "bf16"],
         default=None,
-        help="precisions of clbench's l2p (default: fp32 on a CPU, bf16 and "
-        "fp32 on a GPU); hide-prompt and norga run at the first",
+        help="precisions every side runs at (default: fp32 on a CPU, bf16 and fp32 on a "
+        "GPU); Avalanche's L2P has no precision option: its bf16 is its forward under "
+        "torch.autocast, added by the worker",
     )
     parser.add_argument(
         "--venv",
         type=Path,
         default=DEFAULT_VENV,
-        help=f"the timm {AVALANCHE_TIMM} venv for Avalanche (default {DEFAULT_VENV})",
+        help=f"the timm {AVALANCHE_TIMM} venv for Avalanche, made on first use (default "
+        f"{DEFAULT_VENV})",
+    )
+    parser.add_argument(
+        "--wheels",
+        type=Path,
+        help=f"install timm {AVALANCHE_TIMM} into that venv offline, from this wheel folder",
     )
     parser.add_argument("--skip-avalanche", action="store_true", help="time clbench only")
     parser.add_argument("--no-curve", action="store_true", help="skip the eval-cost curve")
@@ -508,15 +495,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     results = []
     if not args.skip_avalanche:
-        python = ensure_venv(args.venv)
+        python = ensure_peer_venv(args.venv, wheels=args.wheels)
         print(
-            f"Avalanche's LearningToPrompt runs in its own venv {args.venv} "
-            f"(--system-site-packages + timm {AVALANCHE_TIMM}), in a subprocess",
+            f"Avalanche's LearningToPrompt runs in its own venv {args.venv} (timm "
+            f"{AVALANCHE_TIMM}, every other package from this environment), in a subprocess",
             flush=True,
         )
-        results.append(run_child([str(python), str(WORKER), *common], "avalanche l2p"))
+        for precision in precisions:
+            command = [str(python), str(WORKER), *common, "--precision", precision]
+            results.append(
+                run_child(command, f"avalanche l2p {precision}", environment=peer_environment())
+            )
     for name in args.strategies:
-        for precision in precisions if name == "l2p" else precisions[:1]:
+        for precision in precisions:
             command = [
                 sys.executable,
                 __file__,
@@ -562,7 +553,9 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(
             json.dumps(
                 {
-                    "settings": vars(args) | {"venv": str(args.venv), "json": str(args.json)},
+                    "settings": {
+                        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                    },
                     "results": results,
                     "curve": curve,
                 },

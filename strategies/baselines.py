@@ -2,10 +2,11 @@
 
 * ``seq-ft`` trains it task after task with nothing against forgetting: cross-entropy
   over all classes pushes the old classes' logits down (the lower bound).
-* ``joint`` trains it on the union of every experience seen so far, so after the last
-  experience it is one model trained on all tasks at once (the upper bound of a
+* ``joint-linear`` trains it on the union of every experience seen so far, so after the
+  last experience it is one model trained on all tasks at once (the upper bound of a
   classifier on these features). It keeps the features of past data: it is a
-  reference, not a continual-learning method.
+  reference, not a continual-learning method. It was ``joint`` until ``joint`` trained
+  the prompt methods' own parts (strategies/joint.py, where ``trainable=head`` is this).
 
 The encoder is frozen, so each training item's feature is computed once per experience
 (one pass over the un-augmented inputs) and the epochs run on the features alone.
@@ -77,10 +78,12 @@ class SequentialFineTuning(_LinearProbe):
 
 
 @STRATEGIES.register(
-    "joint", "upper bound: a linear classifier on frozen features, trained on all data seen so far"
+    "joint-linear",
+    "upper bound of a linear probe: a linear classifier on frozen features, trained on all "
+    "data seen so far",
 )
-class Joint(_LinearProbe):
-    """The upper bound: trains on the features of every experience seen so far."""
+class JointLinear(_LinearProbe):
+    """The linear probe's upper bound: trains on the features of every experience seen so far."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -28,7 +28,10 @@ from torch import Tensor, nn
 
 from clbench.config import option
 from clbench.consolidation import GaussianConsolidation, TaskIdentityHead, train_on_features
+from clbench.prompted_cache import PromptedFeatureCache, Rows, flat_parameters
 from clbench.prompts import TaskPrefixPrompts, require_layers
+from clbench.prompts.reparam import PrefixParamOptions
+from clbench.prompts.vapt import VAPTOptions, vapt_prompts
 from clbench.registry import STRATEGIES
 from clbench.strategies.quick import QUICK_DATA
 from clbench.strategy import (
@@ -42,7 +45,7 @@ from clbench.strategy import (
 
 
 @dataclass
-class HiDePromptConfig(StrategyConfig):
+class HiDePromptConfig(VAPTOptions, PrefixParamOptions, StrategyConfig):
     num_tasks: int = option(
         0, "prompt slots, one per task (0: the scenario's number of tasks)", symbol="T"
     )
@@ -66,6 +69,12 @@ class HiDePromptConfig(StrategyConfig):
     num_centroids: int = option(10, "k of the centroids mode")
     shrinkage: float = option(1e-4, "added to the covariance diagonal")
     mask_train_logits: bool = option(True, "cross-entropy over the current task's classes only")
+    prompted_cache: bool = option(
+        True,
+        "keep each test input's prompted feature per frozen task prompt (exact: a prompt "
+        "that changes drops its entries), so an evaluation runs the encoder only on inputs "
+        "that pick a prompt they had not used",
+    )
     # the authors' CIFAR setting: Adam, lr 0.03 x 128 / 256, clip 1.0, 50 epochs, x0.1 at 30
     lr: float = option(0.015, "prompt learning rate (0.03 x batch / 256)", symbol="eta")
     batch_size: int = option(128, "training mini-batch size")
@@ -114,20 +123,28 @@ class HiDePrompt(CLStrategy):
     def setup(self, model: StrategyModel) -> None:
         c, encoder = self.config, self.encoder
         require_layers(c.prompt_layers, encoder.num_layers, "prompt_layers")
-        model.prompts = TaskPrefixPrompts(
-            self.num_task_slots(),
-            c.prompt_layers,
-            c.prompt_length,
-            encoder.embed_dim,
-            c.prompt_momentum,
-            c.prefix_gate,
-        )
+        if c.prompt == "vapt":  # VAPT's adaptive prompts instead of prefixes (vision only)
+            model.prompts = vapt_prompts(
+                encoder, c, self.num_task_slots(), c.prompt_layers, momentum=c.prompt_momentum,
+                gate_activation=c.prefix_gate, prefix_param=c.prefix_param,
+            )  # fmt: skip
+        else:
+            model.prompts = TaskPrefixPrompts(
+                self.num_task_slots(),
+                c.prompt_layers,
+                c.prompt_length,
+                encoder.embed_dim,
+                c.prompt_momentum,
+                c.prefix_gate,
+                reparam=c.prefix_reparam,
+            )
         model.head = nn.Linear(encoder.feature_dim, self.num_classes)
         model.task_identity = TaskIdentityHead(encoder.feature_dim, self.num_classes)
         model.task_identity.requires_grad_(False)
         self.consolidation = GaussianConsolidation(
             encoder.feature_dim, c.statistics, shrinkage=c.shrinkage, num_centroids=c.num_centroids
         )
+        self.prompted_cache = PromptedFeatureCache(self.num_task_slots())
 
     # -- training (WTP) -----------------------------------------------------------------
     def begin_task(self, task: int, classes: list[int]) -> None:
@@ -205,8 +222,25 @@ class HiDePrompt(CLStrategy):
     # -- prediction -------------------------------------------------------------------------
     def predict(self, x: Tensor) -> Prediction:
         inferred = self.task_of_best_class(self.model.task_identity(self.query(x)))
-        features = self.encoder(x, self.model.prompts(task=inferred).prompt).pooled
+        features = self.prompted_features(x, inferred)
         return Prediction(self.model.head(features), tasks=inferred, features=features)
+
+    def prompted_features(self, x: Tensor, tasks: Tensor) -> Tensor:
+        """encoder(x, P_task) per input; with ``prompted_cache`` only the inputs whose
+        (prompt, prompt version) was not seen yet run the encoder (the head changes after
+        every task, so features are kept, not logits)."""
+        prompts = self.model.prompts
+
+        def compute(rows: Rows) -> Tensor:
+            return self.encoder(x[rows], prompts(task=tasks[rows]).prompt).pooled
+
+        if not self.config.prompted_cache:
+            return compute(slice(None))
+        # every slot's prefix, plus NoRGa's gates (shared by all slots): a change in either
+        # starts a new version of the slots it touches
+        slots = torch.stack([p.detach() for p in prompts.prompts]).flatten(1)
+        self.prompted_cache.sync(slots, flat_parameters(prompts.gates.parameters()))
+        return self.prompted_cache.features(x, tasks, compute)
 
     # -- checkpoints ------------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:

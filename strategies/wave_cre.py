@@ -29,12 +29,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from clbench.config import option
 from clbench.consolidation import GaussianConsolidation, RelationMLP, reset_linear_layers
 from clbench.errors import UsageError
+from clbench.prompted_cache import PromptedFeatureCache, Rows, flat_parameters
 from clbench.prompts import PromptVariant, TaskPromptPools, require_layers
+from clbench.prompts.reparam import PrefixParamOptions
 from clbench.registry import STRATEGIES
 from clbench.strategies.quick import QUICK_DATA
 from clbench.strategy import (
@@ -48,7 +51,7 @@ from clbench.strategy import (
 
 
 @dataclass
-class WaveCREConfig(StrategyConfig):
+class WaveCREConfig(PrefixParamOptions, StrategyConfig):
     num_tasks: int = option(
         0, "prompt pools, one per task (0: the scenario's number of tasks)", symbol="T"
     )
@@ -84,6 +87,12 @@ class WaveCREConfig(StrategyConfig):
     head_lr: float = option(5e-5, "learning rate of the heads' sample training")
     head_optimizer: Literal["adam", "sgd"] = option("adam", "optimizer of the sample training")
     shrinkage: float = option(1e-4, "added to each covariance diagonal")
+    prompted_cache: bool = option(
+        True,
+        "keep each test input's prompted feature per frozen task pool (exact: a pool that "
+        "changes drops its entries), so an evaluation runs the encoder only on inputs that "
+        "pick a pool they had not used",
+    )
     # the authors' code: Adam, lr 1e-4 for the pool and classifier, batch 16, clip 10
     lr: float = option(1e-4, "learning rate of the current pool and the classifier", symbol="eta")
     batch_size: int = option(16, "training mini-batch size")
@@ -145,12 +154,14 @@ class WaveCRE(CLStrategy):
             embed_dim=encoder.embed_dim,
             key_dim=encoder.feature_dim,
             layers=layers,
+            reparam=c.prefix_reparam,
         )
         model.pools.requires_grad_(False)  # nothing trains before the first task
         model.classifier = self._make_head()
         model.task_predictor = self._make_head()
         model.task_predictor.requires_grad_(False)  # fitted on samples only, in end_task
         self.consolidation = GaussianConsolidation(encoder.feature_dim, shrinkage=c.shrinkage)
+        self.prompted_cache = PromptedFeatureCache(self.num_task_slots())
 
     def _make_head(self) -> nn.Module:
         dim = self.encoder.feature_dim
@@ -170,7 +181,8 @@ class WaveCRE(CLStrategy):
 
     def trainable_parameters(self) -> list[dict[str, Any]]:
         pool = self.model.pools.pools[self.current_task]
-        return [{"params": [*pool.parameters(), *self.model.classifier.parameters()]}]
+        generator = self.model.pools.generator_parameters()  # prefix_param=mlp / linear
+        return [{"params": [*pool.parameters(), *generator, *self.model.classifier.parameters()]}]
 
     def train_logits(self, x: Tensor) -> TrainOutput:
         query = self.query(x)
@@ -224,9 +236,25 @@ class WaveCRE(CLStrategy):
     def predict(self, x: Tensor) -> Prediction:
         query = self.query(x)
         inferred = self.infer_tasks(query)
-        selection = self.model.pools(query, task=inferred)
-        logits = self.model.classifier(self.encoder(x, selection.prompt).pooled)
-        return Prediction(logits, tasks=inferred)
+        features = self.prompted_features(x, query, inferred)
+        return Prediction(self.model.classifier(features), tasks=inferred)
+
+    def prompted_features(self, x: Tensor, query: Tensor, tasks: Tensor) -> Tensor:
+        """encoder(x, top-K prompts of the task's pool) per input. The pool's choice reads
+        only the input's (frozen) query and the pool's keys, so with ``prompted_cache`` an
+        input runs the encoder once per pool version it picks; the classifier, refit after
+        every task, reads the kept features."""
+        pools = self.model.pools
+
+        def compute(rows: Rows) -> Tensor:
+            selection = pools(query[rows], task=tasks[rows])
+            return self.encoder(x[rows], selection.prompt).pooled
+
+        if not self.config.prompted_cache:
+            return compute(slice(None))
+        slots = torch.stack([flat_parameters(pool.parameters()) for pool in pools.pools])
+        self.prompted_cache.sync(slots)
+        return self.prompted_cache.features(x, tasks, compute)
 
     # -- checkpoints ----------------------------------------------------------------------
     def extra_state(self) -> dict[str, Any]:

@@ -376,13 +376,19 @@ def test_clbench_strategies_hold_one_copy_of_the_encoder(tiny_vit):
 
 @pytest.mark.slow
 def test_benchmark_and_profile_scripts_run_end_to_end(tmp_path):
+    # Avalanche's side too, in a peer venv made here from the interpreter running the tests
+    # (a venv, as the README installs into): the peer must find torch and avalanche there
     common = ["--batch-size", "2", "--eval-batch-size", "2", "--batches", "1", "--threads", "1"]
+    wheels = REPO / ".gpu_wheels"  # timm 0.6.13 offline where the GPU check brought it
+    offline = ["--wheels", str(wheels)] if any(wheels.glob("timm-0.6.13-*.whl")) else []
     bench = subprocess.run(
         [
             sys.executable,
             str(REPO / "scripts" / "bench_l2p_vs_avalanche.py"),
             *common,
-            "--skip-avalanche",
+            "--venv",
+            str(tmp_path / "peer"),
+            *offline,
             "--strategies",
             "l2p",
             "--curve-tasks",
@@ -398,6 +404,7 @@ def test_benchmark_and_profile_scripts_run_end_to_end(tmp_path):
     )
     assert bench.returncode == 0, bench.stdout + bench.stderr
     assert "clbench l2p fp32" in bench.stdout and "queries computed" in bench.stdout
+    assert "avalanche l2p fp32" in bench.stdout and "clbench l2p fp32 / avalanche" in bench.stdout
     profile = subprocess.run(
         [
             sys.executable,

@@ -74,3 +74,134 @@ def test_cached_queries_equal_fresh_ones_in_a_strategy(minilm):
     torch.testing.assert_close(again, first[[2, 0, 1]])
     torch.testing.assert_close(first, minilm.query(ids), atol=1e-5, rtol=1e-5)
     assert strategy.query_cache.hits == 3
+
+
+# -- incremental checkpoints --------------------------------------------------------------
+def filled(keys: list[int], width: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    key_tensor = torch.tensor(keys, dtype=torch.long)
+    return key_tensor, key_tensor.float()[:, None].repeat(1, width) + 0.5
+
+
+def assert_same_cache(restored: QueryCache, cache: QueryCache) -> None:
+    assert torch.equal(restored.keys, cache.keys)
+    assert restored.values is not None and cache.values is not None
+    assert restored.values.dtype == cache.values.dtype
+    assert torch.equal(restored.values, cache.values)
+
+
+def test_changes_hold_only_what_is_new_since_the_last_save():
+    cache = QueryCache()
+    cache.insert(*filled([5, 1, 9]))
+    first = cache.changes()
+    assert first["keys"].tolist() == [1, 5, 9] and len(first["dropped"]) == 0
+    cache.mark_saved(["part-0000.pt"])
+    assert len(cache.changes()["keys"]) == 0  # nothing new: an empty part would be skipped
+    cache.insert(*filled([7, 3]))
+    cache.forget(torch.tensor([5, 3]))  # 5 was saved, 3 came and went in between
+    second = cache.changes()
+    assert second["keys"].tolist() == [7] and second["dropped"].tolist() == [5]
+    torch.testing.assert_close(second["values"], filled([7])[1])
+    restored = QueryCache()
+    restored.load_state_dict({"parts": [first, second], "part_names": ["a", "b"]}, "cpu")
+    assert_same_cache(restored, cache)
+    assert restored.saved_parts == ["a", "b"] and len(restored.changes()["keys"]) == 0
+
+
+def test_a_saved_key_forgotten_and_cached_again_replays_to_its_new_value():
+    cache = QueryCache()
+    cache.insert(*filled([2, 4]))
+    first = cache.changes()
+    cache.mark_saved(["part-0000.pt"])
+    cache.forget(torch.tensor([4]))
+    keys, values = filled([4])
+    cache.insert(keys, values + 100.0)  # recomputed: another value for the same key
+    second = cache.changes()
+    assert second["dropped"].tolist() == [4] and second["keys"].tolist() == [4]
+    restored = QueryCache()
+    restored.load_state_dict({"parts": [first, second], "part_names": ["a", "b"]}, "cpu")
+    assert_same_cache(restored, cache)
+
+
+def test_an_input_twice_in_a_batch_is_cached_once():
+    cache = QueryCache()
+    x = torch.randint(0, 50, (3, 4))
+    batch = torch.cat([x, x[[1]]])
+    compute, calls = counting(lambda v: v.float())
+    torch.testing.assert_close(cache.get_or_compute(batch, compute), batch.float())
+    assert len(cache) == 3 and cache.keys.unique().numel() == 3
+    torch.testing.assert_close(cache.get_or_compute(batch, compute), batch.float())
+    assert calls == [4]
+
+
+def test_a_whole_state_loaded_is_saved_whole_next_time():
+    """A checkpoint from before the parts held the whole cache in the state: after loading
+    it nothing is in a part yet, so the next part must hold everything."""
+    cache = QueryCache()
+    cache.insert(*filled([3, 8]))
+    restored = QueryCache()
+    restored.load_state_dict(cache.state_dict(), "cpu")
+    assert restored.changes()["keys"].tolist() == [3, 8]
+
+
+def test_checkpoints_write_the_cache_incrementally_and_load_it_back(tmp_path):
+    from clbench.results import RunFolder
+    from clbench.results.checkpoint import (
+        checkpoint_path,
+        load_checkpoint,
+        query_cache_part_path,
+        save_checkpoint,
+    )
+
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    cache = QueryCache()
+    sizes = []
+    for experience in range(3):
+        start = 1000 * experience
+        cache.insert(*filled(list(range(start, start + 500)), width=64))
+        state = {"strategy": {"query_cache": None}, "finished_experiences": experience + 1}
+        written = save_checkpoint(folder, state, query_cache=cache)
+        part = query_cache_part_path(folder, f"part-{experience:04d}.pt")
+        assert written.bytes_written == part.stat().st_size + checkpoint_path(folder).stat().st_size
+        sizes.append(written.bytes_written)
+    # every experience adds 500 entries, and writes about that much, not the whole cache
+    assert max(sizes) < 1.1 * min(sizes)
+    # a part a killed run left behind, listed by no checkpoint, is never read
+    query_cache_part_path(folder, "part-0003.pt").write_bytes(b"half a part")
+    payload = load_checkpoint(folder)
+    assert payload["query_cache_parts"] == [f"part-{i:04d}.pt" for i in range(3)]
+    restored = QueryCache()
+    restored.load_state_dict(payload["strategy"]["query_cache"], "cpu")
+    assert_same_cache(restored, cache)
+
+
+def test_a_tampered_query_cache_part_is_refused_unrun(tmp_path):
+    import pytest
+
+    from clbench.results import RunFolder
+    from clbench.results.checkpoint import (
+        CheckpointError,
+        load_checkpoint,
+        query_cache_part_path,
+        save_checkpoint,
+    )
+
+    folder = RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    cache = QueryCache()
+    cache.insert(*filled([1, 2]))
+    save_checkpoint(
+        folder, {"strategy": {"query_cache": None}, "finished_experiences": 1}, query_cache=cache
+    )
+    marker = tmp_path / "marker"
+
+    class RunsCode:
+        def __reduce__(self):
+            return (exec, (f"open({str(marker)!r}, 'w').write('ran')",))
+
+    with open(query_cache_part_path(folder, "part-0000.pt"), "wb") as stream:
+        torch.save({"format": "clbench query-cache part", "keys": RunsCode()}, stream)
+    with pytest.raises(CheckpointError, match="refused to load") as raised:
+        load_checkpoint(folder)
+    assert "part-0000.pt" in str(raised.value) and len(str(raised.value).splitlines()) == 1
+    assert not marker.exists()

@@ -65,7 +65,7 @@ def test_frozen_encoder_never_changes_and_only_prompts_and_head_train(tiny_vit, 
     assert trained == {"prompt_pool.prompts", "prompt_pool.keys", "head.weight", "head.bias"}
 
 
-@pytest.mark.parametrize("name", ["l2p", "seq-ft", "joint"])
+@pytest.mark.parametrize("name", ["l2p", "seq-ft", "joint-linear"])  # joint: test_joint_upper_bound
 def test_checkpoint_round_trip(tiny_vit, digits, name):
     strategy = make(name, tiny_vit, digits)
     strategy.train(digits.benchmark.train_stream[0])
@@ -93,7 +93,7 @@ def test_joint_trains_on_everything_seen(tiny_vit, digits):
         def before_training_epoch(self, strategy, *args, **kwargs):
             trained_on.append(len(strategy.adapted_dataset))
 
-    strategy = make("joint", tiny_vit, digits)
+    strategy = make("joint-linear", tiny_vit, digits)
     strategy.plugins.append(RecordSize())
     for index in range(2):
         strategy.train(digits.benchmark.train_stream[index])

@@ -7,10 +7,15 @@ import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from clbench.cli.arguments import add_data_root, add_set, results_root, use_data_root
 from clbench.errors import UsageError
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    from clbench.catalog import Catalog
 
 log = logging.getLogger(__name__)
 
@@ -45,43 +50,44 @@ def _add_list(commands: Commands) -> None:
     listing.set_defaults(handler=command_list)
 
 
-def _scenario_note(entry: Any) -> str:
-    """`` [protocol: ...] [default backbone: ...] [data: ...]``, from the scenario's spec."""
-    from clbench.data.download import data_marker
-    from clbench.registry import options_class
+RANDOM_BACKBONE_NOTE = " [random weights: its numbers are chance level, for smoke tests]"
 
-    spec = entry.spec
-    options_type = options_class(entry.target)
+
+def _note(catalog: Catalog, kind: str, name: str, entry: dict[str, Any]) -> str:
+    """What follows an entry's description: a strategy's presets; a backbone without
+    pretrained weights; a scenario's protocol, default backbone and whether its data is
+    here."""
+    if kind == "strategy":
+        return f" [presets: {', '.join(sorted(entry['presets']))}]" if entry["presets"] else ""
+    if kind == "backbone":
+        return RANDOM_BACKBONE_NOTE if entry.get("random_weights") else ""
+    if kind != "scenario":
+        return ""
     note = ""
-    if spec is not None and spec.describe is not None:
-        note += f" [protocol: {spec.describe(options_type())}]"
-    if spec is not None:
-        note += f" [default backbone: {spec.default_backbone}]"
-    return note + data_marker(entry.name, spec, options_type)
+    if entry["protocol_line"] is not None:
+        note += f" [protocol: {entry['protocol_line']}]"
+    if entry["default_backbone"] is not None:
+        note += f" [default backbone: {entry['default_backbone']}]"
+    return note + catalog.data_marker(name)
 
 
 def command_list(args: argparse.Namespace) -> int:
-    from clbench.config import describe
-    from clbench.registry import BACKBONES, SCENARIOS, STRATEGIES, options_class
+    """From the catalog (:mod:`clbench.catalog`): no torch unless it is out of date."""
+    from clbench.catalog import KINDS, current
 
-    groups = {"strategies": STRATEGIES, "scenarios": SCENARIOS, "backbones": BACKBONES}
-    for title, registry in groups.items():
+    catalog = current(data_probes=args.what in ("all", "scenarios"))
+    for kind, title in KINDS.items():
         if args.what not in ("all", title):
             continue
         print(f"{title}:")
-        for entry in registry:
-            note = ""
-            if title == "scenarios":
-                note = _scenario_note(entry)
-            if title == "strategies" and entry.target.presets:
-                note = f" [presets: {', '.join(sorted(entry.target.presets))}]"
-            print(f"  {entry.name:<20} {entry.description}{note}")
+        for name, entry in catalog.entries(kind):
+            print(f"  {name:<20} {entry['description']}{_note(catalog, kind, name, entry)}")
             if args.options:
-                options = (
-                    entry.target.Config if title == "strategies" else options_class(entry.target)
-                )
-                for name, type_name, default, help_text in describe(options):
-                    print(f"      {name} ({type_name}, default {default!r}): {help_text}")
+                for option in entry["options"]:
+                    print(
+                        f"      {option['name']} ({option['type_name']}, default "
+                        f"{option['default_repr']}): {option['help']}"
+                    )
     return 0
 
 
@@ -103,14 +109,27 @@ def _add_run(commands: Commands) -> None:
     )
     run.add_argument("-c", "--scenario", help="registered scenario name")
     run.add_argument("-b", "--backbone", help="registered backbone (default: the scenario's)")
-    run.add_argument("--seed", type=int, default=0, help="seed of class order, init and shuffling")
+    # seed and preset default to None so that a --config file's values show through
+    run.add_argument("--seed", type=int, help="seed of class order, init and shuffling (default 0)")
     run.add_argument(
         "--preset",
-        default="auto",
-        help="named hyper-parameters; auto = the strategy's preset for the scenario "
-        "if it has one, else the defaults",
+        help="named hyper-parameters; auto (default) = the strategy's preset for the "
+        "scenario if it has one, else the defaults",
     )
     add_set(run, "override one option (repeatable)")
+    run.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE.yaml",
+        help="the run's settings from a YAML file: strategy, scenario, backbone, seed, "
+        "preset and any --set key (scenario.KEY, backbone.KEY); the command line wins",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved configuration and each experience's classes and "
+        "train/test items, then stop: nothing is trained or written",
+    )
     run.add_argument(
         "--out",
         type=Path,
@@ -125,6 +144,14 @@ def _add_run(commands: Commands) -> None:
         help="test experiences evaluated after each one: seen (0..t, default; the unseen "
         "ones score 0 by construction) or all (for forward-transfer studies)",
     )
+    run.add_argument(
+        "--logger",
+        action="append",
+        default=[],
+        metavar="KIND",
+        help="Avalanche logger(s) writing into RUN_DIR/logs/KIND: tensorboard, wandb, csv, "
+        "text (repeatable or a comma list; wandb is offline without an API key)",
+    )
     add_data_root(run)
     run.add_argument(
         "--resume",
@@ -136,19 +163,28 @@ def _add_run(commands: Commands) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    from clbench.cli.run_file import merged_arguments
     from clbench.config import parse_set_arguments
-    from clbench.results import RunFolder
-    from clbench.runner import RunRequest, execute, new_run_folder, resolve_run
 
     use_data_root(args.data_root)
     if args.resume is not None:
-        if args.strategy or args.scenario or args.overrides:
+        given = (args.strategy, args.scenario, args.overrides, args.logger, args.config)
+        if any(given) or args.dry_run:
             raise UsageError("--resume takes the run's saved configuration: give no other options")
+        with _importing_torch(f"clbench run {args.resume}"):
+            from clbench.results import RunFolder
+            from clbench.runner import execute
         execute(RunFolder(args.resume), resume=True)
         return 0
+    args = merged_arguments(args)  # --config FILE's settings where the flags are silent
     if not args.strategy or not args.scenario:
-        raise UsageError("run needs --strategy and --scenario (or --resume RUN_DIR)")
+        raise UsageError(
+            "run needs --strategy and --scenario (or --config FILE, or --resume RUN_DIR)"
+        )
     overrides = parse_set_arguments(args.overrides)
+    _check_before_importing(args, overrides)
+    with _importing_torch(f"clbench run {args.strategy} on {args.scenario}"):
+        from clbench.runner import RunRequest, execute, new_run_folder, resolve_run
     request = RunRequest(
         strategy=args.strategy,
         scenario=args.scenario,
@@ -160,10 +196,59 @@ def command_run(args: argparse.Namespace) -> int:
         backbone_overrides=overrides["backbone"],
         device=args.device,
         evaluate=args.evaluate,
+        loggers=args.logger,
     )
     config = resolve_run(request)
+    if args.dry_run:
+        return _dry_run(config)
     execute(new_run_folder(args.out, config), config)
     return 0
+
+
+def _dry_run(config: dict[str, Any]) -> int:
+    """The configuration a run would record, and the scenario its components make (each
+    experience's classes and train/test items); no run folder. Building them also checks
+    what only shows while building (data present, options a strategy's ``setup``
+    refuses); a scenario may fill the data root's caches as a run would."""
+    import json
+
+    from clbench.runner import build_components
+
+    print("resolved configuration (config.json of the run; nothing is trained or written):")
+    print(json.dumps(config, indent=2))
+    _, scenario = build_components(config)
+    print(f"\n{scenario.summary()}")
+    return 0
+
+
+def _importing_torch(what: str) -> AbstractContextManager[Any]:
+    """A first line before the heavy imports (torch, Avalanche: half a minute on a small CPU)."""
+    from clbench.progress import importing
+
+    return importing(what)
+
+
+def _check_before_importing(args: argparse.Namespace, overrides: dict[str, dict[str, str]]) -> None:
+    """Refuse bad names, presets and ``--set`` values from the catalog, in a second
+    rather than after the imports (:mod:`clbench.cli.preflight`); ``resolve_run`` checks
+    everything again. Not for a user's ``module:Class``: importing it may register more."""
+    from clbench.catalog import from_file
+
+    catalog = from_file()
+    if catalog is None or ":" in args.strategy:
+        return
+    from clbench.cli.preflight import check_run
+
+    check_run(
+        catalog,
+        strategy=args.strategy,
+        scenario=args.scenario,
+        backbone=args.backbone,
+        preset=args.preset,
+        overrides=overrides,
+        loggers=args.logger,
+        device=args.device,
+    )
 
 
 # -- show --------------------------------------------------------------------------------------
@@ -181,6 +266,7 @@ def _add_show(commands: Commands) -> None:
 
 def command_show(args: argparse.Namespace) -> int:
     from clbench.results import RunFolder
+    from clbench.results.folder import RANDOM_WEIGHTS_NOTE, backbone_label
 
     folder = RunFolder(args.run_dir)
     if not folder.exists():
@@ -188,9 +274,11 @@ def command_show(args: argparse.Namespace) -> int:
     config, records = folder.config(), folder.records()
     print(
         f"{folder.path}\n  strategy {config['strategy']} | scenario {config['scenario']} | "
-        f"backbone {config['backbone']} | seed {config['seed']} | preset {config['preset']} | "
-        f"status {folder.status().get('state')}"
+        f"backbone {backbone_label(config)} | seed {config['seed']} | "
+        f"preset {config['preset']} | status {folder.status().get('state')}"
     )
+    if config.get("backbone_random_weights"):
+        print(f"  {RANDOM_WEIGHTS_NOTE}")
     if config.get("authors_quirks"):
         print("  authors' code quirks: " + ", ".join(config["authors_quirks"]))
     for component in ("strategy", "scenario", "backbone"):
@@ -315,18 +403,23 @@ def _add_download(commands: Commands) -> None:
 
 
 def command_download(args: argparse.Namespace) -> int:
+    from clbench.catalog import from_file
+    from clbench.cli.preflight import check_download
     from clbench.config import apply_overrides, parse_set_arguments
-    from clbench.data.download import print_progress
-    from clbench.registry import SCENARIOS, options_class
-    from clbench.scenario import default_data_root
+    from clbench.data.files import default_data_root
 
     use_data_root(args.data_root)
+    catalog = from_file()  # a bad name or --set, or nothing to fetch: no torch needed
+    if catalog is not None and not check_download(catalog, args.name, args.overrides):
+        return _nothing_to_download(args.name)
+    from clbench.data.download import print_progress
+    from clbench.registry import SCENARIOS, options_class
+
     data_root = default_data_root()
     spec = SCENARIOS.spec(args.name)
     fetch = spec.download if spec is not None else None
     if fetch is None:
-        log.info(f"{args.name}: nothing to download (its data ships with clbench or a package)")
-        return 0
+        return _nothing_to_download(args.name)
     # `--set url=...` and `--set scenario.url=...` both address the scenario
     grouped = parse_set_arguments(args.overrides)
     overrides = {**grouped["strategy"], **grouped["scenario"]}
@@ -334,4 +427,9 @@ def command_download(args: argparse.Namespace) -> int:
     options = apply_overrides(options_type(), overrides, what=f"scenario {args.name}")
     location = fetch(options, data_root, log=log.info, progress=print_progress())
     log.info(f"{args.name}: data ready in {location}")
+    return 0
+
+
+def _nothing_to_download(name: str) -> int:
+    log.info(f"{name}: nothing to download (its data ships with clbench or a package)")
     return 0

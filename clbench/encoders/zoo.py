@@ -72,8 +72,23 @@ def vit_b16_in21k(options: ViTOptions) -> PromptableEncoder:
         )
 
 
+@dataclass(frozen=True)
+class RandomInit:
+    """The registry spec of a backbone without pretrained weights: it starts from a random
+    initialisation unless its option ``weights_option`` names a file. A run on it is a
+    smoke test at chance level; config.json records it (``backbone_random_weights``) and
+    ``clbench list``, ``clbench show`` and the tables say so."""
+
+    weights_option: str = "checkpoint"
+
+    def random_weights(self, options: Any) -> bool:
+        return not getattr(options, self.weights_option, None)
+
+
 @BACKBONES.register(
-    "vit-tiny-random", "small randomly initialised ViT for tests and smoke runs (no weights needed)"
+    "vit-tiny-random",
+    "small randomly initialised ViT for tests and smoke runs (no weights needed)",
+    spec=RandomInit(weights_option="checkpoint"),
 )
 def vit_tiny_random(options: TinyViTOptions) -> PromptableEncoder:
     return create_vit(

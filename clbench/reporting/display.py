@@ -32,6 +32,7 @@ from clbench.reporting.summary import (
     per_task_summary,
     summarise,
 )
+from clbench.results.folder import RANDOM_WEIGHTS_MARK, RANDOM_WEIGHTS_NOTE
 
 DASH = "—"
 
@@ -172,6 +173,8 @@ def _main_notes(
         notes.append("runs of different protocol versions are never averaged together.")
     if summary["strategy"].astype(str).str.endswith(AUTHORS_MARK).any():
         notes.append(AUTHORS_NOTE)
+    if runs["backbone"].astype(str).str.endswith(RANDOM_WEIGHTS_MARK).any():
+        notes.append(RANDOM_WEIGHTS_NOTE)
     notes.append("runs: " + run_counts_text(runs) + ".")
     return notes
 

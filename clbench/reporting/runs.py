@@ -23,8 +23,10 @@ from clbench.errors import UsageError
 from clbench.results.folder import (
     CONFIG,
     METRICS,
+    RANDOM_WEIGHTS_MARK,
     ExperienceRecord,
     RunFolder,
+    backbone_label,
     scenario_facts,
     strategy_label,
 )
@@ -40,7 +42,7 @@ FILTER_KEYS = ("scenario", "backbone", "strategy", "seed", "protocol")
 
 # Options that do not change results (how fast evaluation runs) or that name a file on one
 # machine: leaving them out of a run's "setting" keeps identical protocols in one row.
-RESULT_NEUTRAL_OPTIONS = frozenset({"eval_batch_size", "num_workers"})
+RESULT_NEUTRAL_OPTIONS = frozenset({"eval_batch_size", "num_workers", "prompted_cache"})
 PATH_OPTIONS = frozenset({"scenario.data_file", "backbone.checkpoint", "backbone.path"})
 
 # "protocol" is the clbench protocol version; "scenario_protocol" the paper protocol the
@@ -128,7 +130,7 @@ def read_run(path: Path, *, with_matrix: bool = False) -> dict[str, Any]:
             scenario=str(config["scenario"]),
             strategy=strategy_label(str(config["strategy"]))
             + (AUTHORS_MARK if config.get("authors_quirks") else ""),
-            backbone=str(config["backbone"]),
+            backbone=backbone_label(config),
             seed=None if config.get("seed") is None else int(config["seed"]),
             protocol=str(config.get("protocol_version", "?")),
             setting_options=json.dumps(setting_of(config), sort_keys=True),
@@ -241,6 +243,8 @@ def filter_runs(runs: pd.DataFrame, filters: Mapping[str, Sequence[str]]) -> pd.
         if key not in FILTER_KEYS:
             raise UsageError(f"unknown filter {key!r}; valid filters: {', '.join(FILTER_KEYS)}")
         values = kept[key].map(display_value)
+        if key == "backbone":  # --backbone vit-tiny-random also matches its random runs
+            values = values.str.removesuffix(RANDOM_WEIGHTS_MARK)
         mask = values.map(lambda value, pats=tuple(patterns): matches_any(value, pats))
         if not mask.any():
             there = ", ".join(sorted(set(values))) or "none"

@@ -5,6 +5,16 @@ The one module of :mod:`clbench.results` that imports torch, so that reading run
 progress record that refers to it (see :meth:`RunFolder.append_record`): progress never
 claims an experience whose state is missing.
 
+The strategy's query cache grows with every input seen while the rest of the state stays
+the same size, so the run loop's checkpoints hold it incrementally: beside
+``checkpoint.pt``, ``query_cache/part-NNNN.pt`` holds what changed in the cache up to
+finished experience NNNN + 1 since the previous part (entries added, keys dropped), and
+``checkpoint.pt`` lists the parts it goes with ("query_cache_parts"). Each file is written
+atomically, a part before the checkpoint that lists it; a part a killed run wrote but no
+checkpoint lists is never read, and the redone experience writes it again.
+:func:`load_checkpoint` reads the listed parts back into the strategy state, so a caller
+sees one state either way (checkpoints made before holding the whole cache still load).
+
 Run folders are shared, so a checkpoint is read with ``torch.load(weights_only=True)``:
 tensors and plain data (dicts, lists, tuples, strings, numbers, booleans, None) only,
 never an arbitrary pickled object, whose loading could run code. Saving checks the same
@@ -16,6 +26,8 @@ from __future__ import annotations
 
 import io
 import pickle
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +35,12 @@ import torch
 
 from clbench.errors import UsageError
 from clbench.fileio import atomic_write_bytes
+from clbench.query_cache import QueryCache
 from clbench.results.folder import RunFolder
 
 CHECKPOINT = "checkpoint.pt"
+QUERY_CACHE_PARTS = "query_cache"  # the folder of the query-cache parts, beside CHECKPOINT
+PART_FORMAT = "clbench query-cache part"
 
 
 class CheckpointError(UsageError):
@@ -37,12 +52,57 @@ def checkpoint_path(folder: RunFolder) -> Path:
     return folder.path / CHECKPOINT
 
 
-def save_checkpoint(folder: RunFolder, payload: dict[str, Any]) -> None:
+@dataclass(frozen=True)
+class CheckpointWrite:
+    """What one :func:`save_checkpoint` wrote: bytes (checkpoint.pt and the new query-cache
+    part together) and wall seconds (serialising, checking and writing)."""
+
+    bytes_written: int
+    seconds: float
+
+
+def query_cache_part_path(folder: RunFolder, name: str) -> Path:
+    return folder.path / QUERY_CACHE_PARTS / name
+
+
+def save_checkpoint(
+    folder: RunFolder, payload: dict[str, Any], *, query_cache: QueryCache | None = None
+) -> CheckpointWrite:
     """Write ``payload`` atomically: a killed run keeps the previous checkpoint whole.
 
-    Raises TypeError, before writing, when ``payload`` holds more than tensors and plain
-    data (a strategy's ``extra_state`` returning an object, say).
+    With ``query_cache`` (the run loop's case; ``payload["strategy"]`` then leaves the
+    cache out, see ``CLStrategy.state_dict``), what changed in the cache since the last
+    save goes to a new part file, named after ``payload["finished_experiences"]``, and the
+    checkpoint lists every part it needs. Raises TypeError, before writing, when
+    ``payload`` holds more than tensors and plain data (a strategy's ``extra_state``
+    returning an object, say).
     """
+    began = time.perf_counter()
+    written = 0
+    part: bytes | None = None
+    if query_cache is not None:
+        parts = list(query_cache.saved_parts)
+        changes = query_cache.changes()
+        if len(changes["keys"]) or len(changes["dropped"]):
+            name = f"part-{int(payload['finished_experiences']) - 1:04d}.pt"
+            if name in parts:
+                raise RuntimeError(f"query-cache part {name} is saved already")
+            part = _serialise({"format": PART_FORMAT, **changes})
+            parts.append(name)
+        payload = {**payload, "query_cache_parts": parts}
+    data = _serialise(payload)  # checked before anything is written
+    if part is not None:
+        atomic_write_bytes(query_cache_part_path(folder, parts[-1]), part)
+        written += len(part)
+    atomic_write_bytes(checkpoint_path(folder), data)
+    written += len(data)
+    if query_cache is not None:
+        query_cache.mark_saved(parts)
+    return CheckpointWrite(written, time.perf_counter() - began)
+
+
+def _serialise(payload: Any) -> bytes:
+    """``payload`` as torch.save bytes, checked to load with weights_only=True."""
     # Into a stream, not to a path: torch names the archive inside the zip after a path's
     # file name (a temporary one here), but "archive" for a stream, so the same state
     # always gives the same bytes.
@@ -57,15 +117,36 @@ def save_checkpoint(folder: RunFolder, payload: dict[str, Any]) -> None:
             "float, bool, None), so that it loads with weights_only=True; this state holds "
             f"{_refused_object(error)}: return plain data from state_dict / extra_state"
         ) from None
-    atomic_write_bytes(checkpoint_path(folder), data)
+    return data
 
 
 def load_checkpoint(folder: RunFolder) -> dict[str, Any]:
-    """The payload of ``folder``'s checkpoint; :class:`CheckpointError` for a file that
-    holds anything but tensors and plain data (nothing in it runs) or is not a checkpoint."""
+    """The payload of ``folder``'s checkpoint, with the query-cache parts it lists read
+    into ``payload["strategy"]["query_cache"]`` (``{"parts", "part_names"}``, which
+    ``CLStrategy.load_state_dict`` replays); :class:`CheckpointError` for a file that
+    holds anything but tensors and plain data (nothing in it runs) or is not a
+    checkpoint, the parts included."""
     path = checkpoint_path(folder)
+    payload = _load_safely(path)
+    if not isinstance(payload, dict) or not {"strategy", "finished_experiences"} <= set(payload):
+        raise CheckpointError(f"{path}: not a clbench checkpoint (no strategy state in it)")
+    names = payload.get("query_cache_parts")
+    if names is not None:
+        parts = []
+        for name in names:
+            part_path = query_cache_part_path(folder, str(name))
+            part = _load_safely(part_path)
+            if not isinstance(part, dict) or part.get("format") != PART_FORMAT:
+                raise CheckpointError(f"{part_path}: not a clbench query-cache part")
+            parts.append(part)
+        payload["strategy"]["query_cache"] = {"parts": parts, "part_names": list(names)}
+    return payload
+
+
+def _load_safely(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``, every failure one CheckpointError line."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
             f"{path}: refused to load: it holds {_refused_object(error)}, and a clbench "
@@ -78,9 +159,6 @@ def load_checkpoint(folder: RunFolder) -> dict[str, Any]:
         raise CheckpointError(
             f"{path}: not a readable clbench checkpoint ({type(error).__name__}: {detail})"
         ) from None
-    if not isinstance(payload, dict) or not {"strategy", "finished_experiences"} <= set(payload):
-        raise CheckpointError(f"{path}: not a clbench checkpoint (no strategy state in it)")
-    return payload
 
 
 def _refused_object(error: pickle.UnpicklingError) -> str:

@@ -13,7 +13,7 @@ import json
 import os
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,13 @@ class ExperienceRecord:
     eval_seconds: float
     peak_memory_mb: float
     extra: dict[str, Any]
+    # what writing this experience's checkpoint cost (checkpoint.pt + its query-cache
+    # part); None in runs made before, and in a record restored from the checkpoint
+    checkpoint_bytes: int | None = None
+    checkpoint_seconds: float | None = None
+    # one {"epoch", "loss", "train_accuracy" (%), "seconds"} per training epoch, as the
+    # epoch lines say them; [] in runs made before
+    epochs: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,36 @@ def scenario_facts(config: dict[str, Any]) -> ScenarioFacts:
 def evaluation_mode(config: dict[str, Any]) -> str:
     """``config.json``'s "evaluate": "seen" or "all" (runs made before the key existed)."""
     return str(config.get("evaluate", LEGACY_EVALUATE))
+
+
+# after the backbone of a run on randomly initialised weights (config.json's
+# "backbone_random_weights", from the backbone's registration), in show and in tables
+RANDOM_WEIGHTS_MARK = " (random weights)"
+RANDOM_WEIGHTS_NOTE = (
+    "(random weights): runs on a randomly initialised backbone, smoke tests whose "
+    "numbers are at chance level, not results of the method."
+)
+
+
+def backbone_label(config: dict[str, Any]) -> str:
+    """The backbone's name, marked when the run had no pretrained weights."""
+    return str(config["backbone"]) + (
+        RANDOM_WEIGHTS_MARK if config.get("backbone_random_weights") else ""
+    )
+
+
+# A strategy whose name changed meaning: a run folder of ``old`` written before the option
+# existed ran what ``new`` runs now. ``joint`` was a linear probe until it took
+# ``trainable`` (strategies/joint.py): such folders read, show and resume as joint-linear.
+RENAMED_STRATEGIES: tuple[tuple[str, str, str], ...] = (("joint", "trainable", "joint-linear"),)
+
+
+def renamed_strategy(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the strategy's current name (see :data:`RENAMED_STRATEGIES`)."""
+    for old, option, new in RENAMED_STRATEGIES:
+        if config.get("strategy") == old and option not in (config.get("strategy_options") or {}):
+            return {**config, "strategy": new}
+    return config
 
 
 def strategy_label(strategy: str) -> str:
@@ -151,7 +188,7 @@ class RunFolder:
             return json.load(stream)
 
     def config(self) -> dict[str, Any]:
-        return self.read_json(CONFIG)
+        return renamed_strategy(self.read_json(CONFIG))
 
     def environment(self) -> dict[str, Any]:
         return self.read_json(ENVIRONMENT)

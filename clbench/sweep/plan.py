@@ -35,8 +35,8 @@ SCENARIO_SPEC_KEYS = ("scenario_family", "scenario_protocol", "metrics")
 # the same either way, only the unseen entries are null or 0.
 EVALUATION_KEYS = ("evaluate",)
 # Derived from the options (which quirk options are off their default) or about what a run
-# reports, not what it computes (the loggers it writes to).
-DERIVED_KEYS = ("authors_quirks", "loggers")
+# reports, not what it computes (the loggers it writes to, the backbone's random weights).
+DERIVED_KEYS = ("authors_quirks", "loggers", "backbone_random_weights")
 NOT_IDENTITY = (*VOLATILE_CONFIG_KEYS, *SCENARIO_SPEC_KEYS, *EVALUATION_KEYS, *DERIVED_KEYS)
 
 Overrides = dict[str, dict[str, str]]  # group (strategy / scenario / backbone) -> KEY -> VALUE
