@@ -70,7 +70,7 @@ def authors_quirks(options: Any, prefix: str = "") -> list[str]:
     for f in fields(options):
         if not f.metadata.get("quirk"):
             continue
-        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[operator]
         if getattr(options, f.name) != default:
             changed.append(prefix + f.name)
     return changed

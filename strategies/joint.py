@@ -46,7 +46,7 @@ from clbench.errors import UsageError
 from clbench.prompts import PromptModule, PromptSelection, SharedPrefix, TaskIndex, require_layers
 from clbench.registry import STRATEGIES
 from clbench.strategies.baselines import JointLinear, LinearProbeConfig
-from clbench.strategy import CLStrategy, StrategyModel, TrainOutput
+from clbench.strategy import CLStrategy, StrategyModel
 
 Trainable = Literal["prefix", "prompt", "head"]
 
@@ -155,7 +155,7 @@ class Joint(JointLinear):
         selection = self.model.prompt(nothing, task=max(self.current_task, 0), train=train)
         return self.model.head(self.encoder(x, selection.prompt).pooled)
 
-    def train_logits(self, x: Tensor) -> Tensor | TrainOutput:
+    def train_logits(self, x: Tensor) -> Tensor:
         if not self.tunes_prompt:
             return super().train_logits(x)
         return self.prompted_logits(x, train=True)
