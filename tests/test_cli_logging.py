@@ -89,7 +89,7 @@ def test_quiet_sweep_prints_its_table_without_the_progress_lines(tmp_path, capsy
         raise AssertionError("a complete run was started again")
 
     monkeypatch.setattr(subprocess, "Popen", no_process)
-    table_row = "| digits-offline | vit-tiny-random | seq-ft | 2 |"
+    table_row = "| digits-offline | vit-tiny-random (random weights) | seq-ft | 2 |"
     capsys.readouterr()
     assert main(arguments) == 0
     loud = capsys.readouterr().out

@@ -13,6 +13,8 @@ metrics.json         FAA, CAA, FFM, seen-class accuracy (recomputed after each e
 accuracy_matrix.csv  A[t, i] in %, one row per finished experience, empty where not
                      evaluated
 checkpoint.pt        strategy state after the last finished experience
+query_cache/         part-NNNN.pt: what each experience added to the query cache (the
+                     checkpoint lists the parts it goes with)
 status.json          running | interrupted | failed | complete
 
 :class:`RunFolder` (:mod:`clbench.results.folder`) is the only reader and writer of the
