@@ -314,7 +314,9 @@ def test_a_rerun_of_a_complete_sweep_starts_nothing(tmp_path, capsys, monkeypatc
     assert main([*arguments, "--jobs", "2"]) == 0
     out = capsys.readouterr().out
     assert "5 complete (skipped)" in out and "0 to run" in out
-    assert "| digits-offline | vit-tiny-random (random weights) | seq-ft | 5 |" in out  # the sweep's table
+    assert (
+        "| digits-offline | vit-tiny-random (random weights) | seq-ft | 5 |" in out
+    )  # the sweep's table
 
 
 def test_a_folder_holding_another_configuration_is_refused(tmp_path, capsys):
