@@ -437,6 +437,7 @@ def _run_experiences(
             peak_memory_mb=_peak_memory_mb(device),
             extra=strategy.evaluation_summary(),
             epochs=_epoch_history(strategy),
+            trained_parameters=getattr(strategy, "trained_parameter_count", None),
         )
         written = save_checkpoint(
             folder,

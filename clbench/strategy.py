@@ -404,6 +404,9 @@ class CLStrategy(SupervisedTemplate):
                 groups, lr=self.config.lr, momentum=0.9, weight_decay=self.config.weight_decay
             )
         self.optimizer = optimizer
+        # what this task trains, for the run's record (tables' Params/task): each tensor once
+        trained = {id(p): p for g in groups for p in g["params"] if p.requires_grad}
+        self.trained_parameter_count = sum(p.numel() for p in trained.values())
         self.optimized_param_id: dict[Any, Any] = {}  # Avalanche's: no parameter to carry over
         self.scheduler = make_scheduler(self.optimizer, self.config)
 

@@ -144,7 +144,7 @@ def _add_table(commands: Commands, shared: argparse.ArgumentParser) -> None:
     table.add_argument(
         "--metrics",
         metavar="LIST",
-        help="columns among faa,caa,ffm,seen,tii,minutes (default: faa,caa,ffm; "
+        help="columns among faa,caa,ffm,seen,tii,minutes,params (default: faa,caa,ffm; "
         "seen when a relation extraction scenario is in the table; tii (task-"
         "identity accuracy) when a strategy reports it)",
     )

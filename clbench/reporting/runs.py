@@ -49,7 +49,7 @@ PATH_OPTIONS = frozenset({"scenario.data_file", "backbone.checkpoint", "backbone
 # run is compared with, "scenario_metrics" the metrics its scenario reports.
 RUN_COLUMNS = (
     "path", "scenario", "backbone", "strategy", "seed", "protocol", "state", "error",
-    "finished", "tasks", "faa", "caa", "ffm", "seen", "tii", "minutes", "seen_curve",
+    "finished", "tasks", "faa", "caa", "ffm", "seen", "tii", "minutes", "params", "seen_curve",
     "setting_options",
     "matrix",
     "family", "scenario_protocol", "scenario_metrics",
@@ -183,6 +183,7 @@ def read_run(path: Path, *, with_matrix: bool = False) -> dict[str, Any]:
         records = folder.records()
         matrix = np.asarray([r.accuracy for r in records], dtype=float)
         record["tii"] = _final_task_identity(records)
+        record["params"] = _trained_parameters_k(records)
         if matrix.size:
             record["tasks"] = int(matrix.shape[1])
             record["finished"] = int(matrix.shape[0])
@@ -203,6 +204,13 @@ def _final_task_identity(records: list[ExperienceRecord]) -> float:
     return sum(seen) / len(seen) if seen else math.nan
 
 
+def _trained_parameters_k(records: list[ExperienceRecord]) -> float:
+    """Thousands of parameters trained per task, mean over the finished tasks (NaN for runs
+    made before the count was recorded)."""
+    counts = [r.trained_parameters for r in records if r.trained_parameters is not None]
+    return sum(counts) / len(counts) / 1000 if counts else math.nan
+
+
 def load_runs(paths: Iterable[Path | str], *, with_matrix: bool = False) -> pd.DataFrame:
     """One row per run folder under ``paths`` (see ``RUN_COLUMNS``).
 
@@ -211,7 +219,7 @@ def load_runs(paths: Iterable[Path | str], *, with_matrix: bool = False) -> pd.D
     """
     records = [read_run(path, with_matrix=with_matrix) for path in find_run_folders(paths)]
     runs = pd.DataFrame.from_records(records, columns=list(RUN_COLUMNS))
-    for column in ("faa", "caa", "ffm", "seen", "tii", "minutes"):
+    for column in ("faa", "caa", "ffm", "seen", "tii", "minutes", "params"):
         runs[column] = runs[column].astype(float)
     # nullable integers: a run without a seed must not turn every seed into 1.0
     runs["seed"] = runs["seed"].astype("Int64")

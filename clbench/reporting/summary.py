@@ -69,6 +69,13 @@ METRICS: dict[str, Metric] = {
             "the task: prompt / pool choice)",
         ),
         Metric("minutes", "Time (min) ↓", False, "training + evaluation time of the run"),
+        Metric(
+            "params",
+            "Params/task (K) ↓",
+            False,
+            "thousands of parameters the main optimiser trained per task, mean over tasks "
+            "(a strategy's own sample-trained stages, e.g. a task-identity head, not counted)",
+        ),
     )
 }
 

@@ -63,6 +63,10 @@ class ExperienceRecord:
     # one {"epoch", "loss", "train_accuracy" (%), "seconds"} per training epoch, as the
     # epoch lines say them; [] in runs made before
     epochs: list[dict[str, float]] = field(default_factory=list)
+    # parameters the experience's main optimiser trained (each tensor once; the strategies'
+    # own sample-trained stages such as a task-identity head are not counted); None in
+    # runs made before
+    trained_parameters: int | None = None
 
 
 @dataclass(frozen=True)
