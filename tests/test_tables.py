@@ -166,6 +166,7 @@ def test_run_folder_files_keep_their_format(tmp_path: Path) -> None:
     assert list(json.loads((folder / "progress.json").read_text())[0]) == [
         "experience", "accuracy", "correct", "counts", "train_seconds", "eval_seconds",
         "peak_memory_mb", "extra", "checkpoint_bytes", "checkpoint_seconds", "epochs",
+        "trained_parameters",
     ]  # fmt: skip
     # no temporary file is left beside the real ones
     assert sorted(p.name for p in folder.iterdir()) == [

@@ -15,6 +15,15 @@ checkpoint lists is never read, and the redone experience writes it again.
 :func:`load_checkpoint` reads the listed parts back into the strategy state, so a caller
 sees one state either way (checkpoints made before holding the whole cache still load).
 
+The rest of the state holds much that never changes once written: a finished task's
+prompt slot or adapter, the class statistics of classes already learnt (HiDe-Prompt's
+covariances are ~2.4 MB a class on ViT-B). So every tensor of at least
+``BLOB_MIN_BYTES`` is kept once, content-addressed, in ``blobs/<digest>.pt`` beside the
+checkpoint, which refers to it by digest ("blobs" lists them): a checkpoint writes only
+the tensors whose content is new. Blobs are written before the checkpoint that lists them;
+those the new checkpoint no longer lists are removed after it is written (a killed run
+leaves at most unlisted ones, removed at its next checkpoint).
+
 Run folders are shared, so a checkpoint is read with ``torch.load(weights_only=True)``:
 tensors and plain data (dicts, lists, tuples, strings, numbers, booleans, None) only,
 never an arbitrary pickled object, whose loading could run code. Saving checks the same
@@ -24,6 +33,7 @@ than leaving one that cannot be resumed.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import time
@@ -41,6 +51,11 @@ from clbench.results.folder import RunFolder
 CHECKPOINT = "checkpoint.pt"
 QUERY_CACHE_PARTS = "query_cache"  # the folder of the query-cache parts, beside CHECKPOINT
 PART_FORMAT = "clbench query-cache part"
+BLOBS = "blobs"  # the folder of the content-addressed tensors, beside CHECKPOINT
+BLOB_FORMAT = "clbench checkpoint blob"
+BLOB_REFERENCE = "__clbench_blob__"  # {BLOB_REFERENCE: digest} stands for a blob's tensor
+# smaller tensors stay in checkpoint.pt: a file each would cost more than it saves
+BLOB_MIN_BYTES = 16 * 1024
 
 
 class CheckpointError(UsageError):
@@ -54,8 +69,8 @@ def checkpoint_path(folder: RunFolder) -> Path:
 
 @dataclass(frozen=True)
 class CheckpointWrite:
-    """What one :func:`save_checkpoint` wrote: bytes (checkpoint.pt and the new query-cache
-    part together) and wall seconds (serialising, checking and writing)."""
+    """What one :func:`save_checkpoint` wrote: bytes (checkpoint.pt, the new query-cache
+    part and the new blobs together) and wall seconds (serialising, checking, writing)."""
 
     bytes_written: int
     seconds: float
@@ -63,6 +78,10 @@ class CheckpointWrite:
 
 def query_cache_part_path(folder: RunFolder, name: str) -> Path:
     return folder.path / QUERY_CACHE_PARTS / name
+
+
+def blob_path(folder: RunFolder, digest: str) -> Path:
+    return folder.path / BLOBS / f"{digest}.pt"
 
 
 def save_checkpoint(
@@ -90,7 +109,16 @@ def save_checkpoint(
             part = _serialise({"format": PART_FORMAT, **changes})
             parts.append(name)
         payload = {**payload, "query_cache_parts": parts}
+    blobs: dict[str, torch.Tensor] = {}
+    payload = _externalise(payload, blobs)
+    if blobs:
+        payload["blobs"] = sorted(blobs)
     data = _serialise(payload)  # checked before anything is written
+    new_blobs = {d: t for d, t in blobs.items() if not blob_path(folder, d).is_file()}
+    serialised = {d: _serialise({"format": BLOB_FORMAT, "tensor": t}) for d, t in new_blobs.items()}
+    for digest, blob in serialised.items():
+        atomic_write_bytes(blob_path(folder, digest), blob)
+        written += len(blob)
     if part is not None:
         atomic_write_bytes(query_cache_part_path(folder, parts[-1]), part)
         written += len(part)
@@ -98,7 +126,70 @@ def save_checkpoint(
     written += len(data)
     if query_cache is not None:
         query_cache.mark_saved(parts)
+    _remove_unlisted_blobs(folder, set(blobs))
     return CheckpointWrite(written, time.perf_counter() - began)
+
+
+def _externalise(value: Any, blobs: dict[str, torch.Tensor]) -> Any:
+    """``value`` with every tensor of at least BLOB_MIN_BYTES replaced by a reference to
+    its digest, the tensors collected in ``blobs`` (digest -> tensor)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() * value.element_size() < BLOB_MIN_BYTES:
+            return value
+        digest = tensor_digest(value)
+        blobs[digest] = value
+        return {BLOB_REFERENCE: digest}
+    if isinstance(value, dict):
+        return {key: _externalise(item, blobs) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_externalise(item, blobs) for item in value)
+    return value
+
+
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """A digest of the tensor's dtype, shape and values (not its storage or strides)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    hasher = hashlib.blake2b(digest_size=16)
+    hasher.update(f"{flat.dtype}{tuple(tensor.shape)}".encode())
+    hasher.update(memoryview(flat.view(torch.uint8).numpy()))
+    return hasher.hexdigest()
+
+
+def _remove_unlisted_blobs(folder: RunFolder, listed: set[str]) -> None:
+    """Blobs the checkpoint just written does not list: older versions of what changed,
+    or what a killed run wrote for a checkpoint it never finished."""
+    directory = folder.path / BLOBS
+    if not directory.is_dir():
+        return
+    for path in directory.glob("*.pt"):
+        if path.stem not in listed:
+            path.unlink(missing_ok=True)
+
+
+def _internalise(value: Any, folder: RunFolder, listed: set[str]) -> Any:
+    """The inverse of :func:`_externalise`: each reference read back from its blob."""
+    if isinstance(value, dict):
+        if set(value) == {BLOB_REFERENCE}:
+            return _load_blob(folder, str(value[BLOB_REFERENCE]), listed)
+        return {key: _internalise(item, folder, listed) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_internalise(item, folder, listed) for item in value)
+    return value
+
+
+def _load_blob(folder: RunFolder, digest: str, listed: set[str]) -> torch.Tensor:
+    path = blob_path(folder, digest)
+    if digest not in listed:
+        raise CheckpointError(
+            f"{checkpoint_path(folder)}: refers to blob {digest} it does not list"
+        )
+    blob = _load_safely(path)
+    if not isinstance(blob, dict) or blob.get("format") != BLOB_FORMAT:
+        raise CheckpointError(f"{path}: not a clbench checkpoint blob")
+    tensor = blob["tensor"]
+    if not isinstance(tensor, torch.Tensor) or tensor_digest(tensor) != digest:
+        raise CheckpointError(f"{path}: its content does not match its name (damaged)")
+    return tensor
 
 
 def _serialise(payload: Any) -> bytes:
@@ -121,8 +212,8 @@ def _serialise(payload: Any) -> bytes:
 
 
 def load_checkpoint(folder: RunFolder) -> dict[str, Any]:
-    """The payload of ``folder``'s checkpoint, with the query-cache parts it lists read
-    into ``payload["strategy"]["query_cache"]`` (``{"parts", "part_names"}``, which
+    """The payload of ``folder``'s checkpoint, its blobs read back in place, with the
+    query-cache parts it lists read into ``payload["strategy"]["query_cache"]`` (``{"parts", "part_names"}``, which
     ``CLStrategy.load_state_dict`` replays); :class:`CheckpointError` for a file that
     holds anything but tensors and plain data (nothing in it runs) or is not a
     checkpoint, the parts included."""
@@ -130,6 +221,10 @@ def load_checkpoint(folder: RunFolder) -> dict[str, Any]:
     payload = _load_safely(path)
     if not isinstance(payload, dict) or not {"strategy", "finished_experiences"} <= set(payload):
         raise CheckpointError(f"{path}: not a clbench checkpoint (no strategy state in it)")
+    # checkpoints made before blobs existed hold every tensor themselves
+    listed = {str(d) for d in payload.pop("blobs", ())}
+    if listed:
+        payload = _internalise(payload, folder, listed)
     names = payload.get("query_cache_parts")
     if names is not None:
         parts = []
