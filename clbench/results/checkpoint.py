@@ -115,7 +115,8 @@ def save_checkpoint(
         payload["blobs"] = sorted(blobs)
     data = _serialise(payload)  # checked before anything is written
     new_blobs = {d: t for d, t in blobs.items() if not blob_path(folder, d).is_file()}
-    serialised = {d: _serialise({"format": BLOB_FORMAT, "tensor": t}) for d, t in new_blobs.items()}
+    # a tensor and a string: nothing a weights-only load refuses, so not checked again
+    serialised = {d: _tensor_bytes(t) for d, t in new_blobs.items()}
     for digest, blob in serialised.items():
         atomic_write_bytes(blob_path(folder, digest), blob)
         written += len(blob)
@@ -144,6 +145,12 @@ def _externalise(value: Any, blobs: dict[str, torch.Tensor]) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_externalise(item, blobs) for item in value)
     return value
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    stream = io.BytesIO()
+    torch.save({"format": BLOB_FORMAT, "tensor": tensor}, stream)
+    return stream.getvalue()
 
 
 def tensor_digest(tensor: torch.Tensor) -> str:
