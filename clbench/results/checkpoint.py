@@ -158,7 +158,7 @@ def tensor_digest(tensor: torch.Tensor) -> str:
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     hasher = hashlib.blake2b(digest_size=16)
     hasher.update(f"{flat.dtype}{tuple(tensor.shape)}".encode())
-    hasher.update(memoryview(flat.view(torch.uint8).numpy()))
+    hasher.update(flat.view(torch.uint8).numpy().data)
     return hasher.hexdigest()
 
 
