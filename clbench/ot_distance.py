@@ -9,6 +9,11 @@ entropic (Sinkhorn) solution of all new pairs at once is the cheaper option.
 :class:`ClassDistances` keeps the symmetric class-by-class matrix and grows it as classes
 arrive: an update computes only the pairs that involve a new class (C_new x C_total, not
 C_total^2), so a run pays for each pair once. It is checkpointed with the strategy.
+
+The diagonal is 0 (a class is at distance 0 from itself) unless ``update`` gets a second,
+independent sample set per class: then W_ii is the EMD between a class's two sample sets,
+as the authors' code computes it (HierC ``update_WSM`` fills i == j too). That W_ii is
+mostly the within-class spread, so Gamma_ii = exp(-W_ii / delta) < 1.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from torch import Tensor
 
 from clbench.errors import UsageError
 
-# The network simplex stops at this many iterations; POT's default (1e5) is too few for a
-# few hundred samples per side, and a stopped solver returns a value that is not the EMD.
+# The network simplex stops at this many iterations, and a stopped solver returns a value
+# that is not the EMD (we fail loudly then). POT's default cap (1e5) sufficed for 1200 x 1200
+# Gaussian samples in 768-d in the fidelity audit; the larger cap is a margin, not a need.
 EMD_MAX_ITERATIONS = 10_000_000
 
 
@@ -95,12 +101,16 @@ class ClassDistances:
         self.pairs_computed = 0  # over the object's lifetime, for the run's record
         self.seconds = 0.0
 
-    def update(self, samples: Mapping[int, Tensor]) -> int:
+    def update(
+        self, samples: Mapping[int, Tensor], self_samples: Mapping[int, Tensor] | None = None
+    ) -> int:
         """Add every class of ``samples`` not yet in the matrix; returns the pairs computed.
 
         ``samples`` maps class -> [n, D] samples, the same n for every class. It must hold
         the known classes too, as partners of the new ones; their own pairs are not
         recomputed, so the matrix never changes for classes already in it.
+        ``self_samples`` (the new classes at least): a second sample set per class, drawn
+        independently; W_ii = the EMD between the two (counted as pairs computed).
         """
         began = time.perf_counter()
         new = [c for c in sorted(samples) if c not in self.classes]
@@ -119,6 +129,16 @@ class ClassDistances:
         old = len(self.classes)
         matrix[:old, :old] = self.matrix
         computed = 0
+        if self_samples is not None:
+            lacking = [c for c in new if c not in self_samples]
+            if lacking:
+                raise ValueError(f"second sample sets of the new classes {lacking} are needed")
+            for offset, label in enumerate(new):
+                costs = squared_euclidean_costs(
+                    samples[label], self_samples[label][None].to(samples[label].device)
+                )
+                matrix[old + offset, old + offset] = self._solve(costs)[0]
+            computed += len(new)
         for offset, label in enumerate(new):
             row = old + offset
             partners = classes[:row]  # every known class and the new ones before this one
@@ -126,10 +146,7 @@ class ClassDistances:
                 continue
             stacked = torch.stack([samples[c] for c in partners])
             costs = squared_euclidean_costs(samples[label], stacked.to(samples[label].device))
-            if self.solver == "emd":
-                values = exact_emd(costs)
-            else:
-                values = sinkhorn_emd(costs, self.sinkhorn_regularisation)
+            values = self._solve(costs)
             matrix[row, :row] = values
             matrix[:row, row] = values
             computed += len(partners)
@@ -137,6 +154,11 @@ class ClassDistances:
         self.pairs_computed += computed
         self.seconds += time.perf_counter() - began
         return computed
+
+    def _solve(self, costs: Tensor) -> Tensor:
+        if self.solver == "emd":
+            return exact_emd(costs)
+        return sinkhorn_emd(costs, self.sinkhorn_regularisation)
 
     def submatrix(self, classes: list[int]) -> Tensor:
         """Distances among ``classes`` (all must be known), in the given order."""

@@ -1,17 +1,28 @@
 """Label trees over the classes seen so far: leaf groups are classes that are easily confused.
 
 The hierarchical-OT method (arXiv 2410.04327) regularises features within each leaf group of
-a label taxonomy. A tree comes from one of three places:
+a label taxonomy. A tree comes from one of four places:
 
 - a file the user writes (JSON or YAML): nested groups of class names, e.g.
   ``{"animals": {"mammals": ["bear", "fox"], "fish": ["trout", "shark"]}, "plants": [...]}``;
   a mapping names its groups, a list of names is a leaf group, a list of groups is a group
   of unnamed subgroups. It must name every class of the scenario and nothing else; the
   tree used at a task is the file's tree restricted to the classes seen so far, so it grows
-  task by task (the authors' LLM-written trees grow the same way).
+  task by task.
+- a file of trees per task, as the authors wrote theirs (one LLM-written tree per task,
+  ``taxanomy/<data set>/order1/taxanomy.py`` in tranquyenbk173/HierC):
+  ``{"tasks": [<tree of task 1>, <tree of task 2>, ...]}``, each tree in the format above
+  and over exactly the classes seen by its task (:class:`TaskTrees`). The authors' trees
+  of Split CIFAR-100 and ImageNet-R ship in ``clbench/data/trees/`` (:func:`authors_tree`).
 - a data set's own hierarchy: CIFAR-100's 20 superclasses (:func:`cifar100_superclasses`).
 - automatic: agglomerative clustering (scipy) of the seen classes with their OT distances
   as the metric (:func:`cluster_taxonomy`); the dendrogram cut into leaf groups.
+
+A file is checked strictly: a class listed twice or a class missing is an error. The
+authors' trees have both (ImageNet-R: four classes in two groups, two classes in no group,
+task 7's tree equal to task 6's), so ``lenient=True`` logs those problems as warnings and
+keeps the tree as written: a class listed twice belongs to both leaf groups, a class in no
+group takes no part in the group loss. Unknown class names stay errors in both modes.
 
 ``clbench tree RUN_DIR`` prints the tree a hier-ot run used (:mod:`clbench.cli.run`).
 """
@@ -19,6 +30,7 @@ a label taxonomy. A tree comes from one of three places:
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +41,18 @@ import torch
 from torch import Tensor
 
 from clbench.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+# the authors' trees, converted from tranquyenbk173/HierC (each file's "note" says from where)
+TREES_FOLDER = Path(__file__).parent / "data" / "trees"
+AUTHORS_TREES = {
+    "split-cifar100": "hierc-split-cifar100.json",
+    "imagenet-r": "hierc-imagenet-r.json",
+}
+# the key of a file with one tree per task; "note" may say where the trees come from
+TASKS_KEY = "tasks"
+NOTE_KEY = "note"
 
 # CIFAR-100's 20 coarse labels and their fine labels, as the data set ships them
 # (the `coarse_label_names` of cifar-100-python/meta, fine names as in `fine_label_names`).
@@ -100,11 +124,21 @@ class Taxonomy:
     source: str
 
     def leaf_groups(self) -> list[list[int]]:
-        return [list(leaf.classes) for leaf in self.root.leaves()]
+        return [list(leaf.classes) for leaf in self.root.leaves() if leaf.classes]
 
     @property
     def classes(self) -> list[int]:
-        return sorted(c for group in self.leaf_groups() for c in group)
+        """Every class in the tree once (a leniently read tree may list one twice)."""
+        return sorted({c for group in self.leaf_groups() for c in group})
+
+    def membership(self, num_classes: int) -> Tensor:
+        """[num_classes, groups] bool: class c is in leaf group g. A class of no group has
+        an empty row; one listed twice (a leniently read tree) has two entries."""
+        groups = self.leaf_groups()
+        members = torch.zeros(num_classes, len(groups), dtype=torch.bool)
+        for group, classes in enumerate(groups):
+            members[classes, group] = True
+        return members
 
     def group_index(self, num_classes: int) -> Tensor:
         """[num_classes] leaf-group index of every class; -1 for classes not in the tree."""
@@ -113,15 +147,18 @@ class Taxonomy:
             index[classes] = group
         return index
 
-    def restricted(self, classes: Sequence[int]) -> Taxonomy:
-        """The tree over ``classes`` only (empty groups dropped), e.g. the classes seen so far."""
+    def restricted(self, classes: Sequence[int], *, lenient: bool = False) -> Taxonomy:
+        """The tree over ``classes`` only (empty groups dropped), e.g. the classes seen so far.
+
+        A class of ``classes`` that the tree lacks is a KeyError, or with ``lenient`` a
+        class in no group.
+        """
         keep = set(classes)
         missing = sorted(keep - set(self.classes))
-        if missing:
+        if missing and not lenient:
             raise KeyError(f"classes {missing} are not in the taxonomy")
         root = self.root.restricted(keep)
-        assert root is not None
-        return Taxonomy(root, self.source)
+        return Taxonomy(root if root is not None else TaxonomyNode("root"), self.source)
 
     def render(self, class_names: Sequence[str]) -> str:
         """The tree as indented text, one group per line, leaf groups with their classes."""
@@ -164,17 +201,76 @@ class Taxonomy:
 
 
 # ---------------------------------------------------------------------------- from a file
-def load_taxonomy_file(path: str | Path, class_names: Sequence[str]) -> Taxonomy:
-    """A taxonomy file (JSON, or YAML) over the classes named ``class_names``.
+@dataclass
+class TaskTrees:
+    """One tree per task, as the authors' code reads them: task t uses ``trees[t]`` as
+    written (not a restriction of a later tree), over the classes seen by task t."""
+
+    trees: list[Taxonomy]
+    source: str
+    lenient: bool = False
+
+    def check_task_count(self, num_tasks: int) -> None:
+        if len(self.trees) < num_tasks or (len(self.trees) > num_tasks and not self.lenient):
+            raise UsageError(
+                f"taxonomy ({self.source}) has trees for {len(self.trees)} tasks; the "
+                f"scenario has {num_tasks} tasks (one tree per task)"
+            )
+
+    def for_task(self, task: int, seen: Sequence[int], class_names: Sequence[str]) -> Taxonomy:
+        """Task ``task``'s tree, checked against the classes seen by then (``seen``).
+
+        A seen class missing from the tree, or a tree class not seen yet (the trees follow
+        a class order: the scenario's must be the same), is an error, or with ``lenient`` a
+        warning; the tree is then restricted to the seen classes.
+        """
+        if task >= len(self.trees):
+            self.check_task_count(task + 1)
+        tree = self.trees[task]
+        lacking = sorted(set(seen) - set(tree.classes))
+        unseen = sorted(set(tree.classes) - set(seen))
+        problems = []
+        if lacking:
+            problems.append(
+                f"classes seen by task {task + 1} missing from its tree: "
+                f"{[class_names[c] for c in lacking]}"
+            )
+        if unseen:
+            problems.append(
+                f"classes of task {task + 1}'s tree not seen by then: "
+                f"{[class_names[c] for c in unseen]} (the trees follow one class order; "
+                f"the scenario's differs, e.g. another seed)"
+            )
+        _report(problems, self.lenient, self.source)
+        return tree.restricted(seen, lenient=True)
+
+
+def authors_tree(scenario: str) -> Path:
+    """The shipped per-task trees of the authors for ``scenario`` (see AUTHORS_TREES)."""
+    if scenario not in AUTHORS_TREES:
+        raise UsageError(
+            f"no authors' label trees for {scenario!r}; shipped: {', '.join(AUTHORS_TREES)}"
+        )
+    return TREES_FOLDER / AUTHORS_TREES[scenario]
+
+
+def load_taxonomy_file(
+    path: str | Path, class_names: Sequence[str], *, lenient: bool = False
+) -> Taxonomy | TaskTrees:
+    """A taxonomy file (JSON, or YAML) over the classes named ``class_names``: one tree, or
+    ``{"tasks": [...]}`` with one tree per task (:class:`TaskTrees`).
 
     Raises a UsageError naming what is wrong: the file is missing or unreadable, a group is
-    malformed or empty, a class is listed twice, names are unknown, classes are missing.
+    malformed or empty, names are unknown, and (unless ``lenient``: then a warning) a class
+    is listed twice or classes are missing.
     """
     path = Path(path)
     if not path.is_file():
         raise UsageError(
             f"taxonomy file {path} does not exist (valid taxonomy values: auto, "
-            f"cifar100-superclasses, or the path of a JSON / YAML file)"
+            f"cifar100-superclasses, the authors' trees "
+            f"{', '.join('authors-' + name for name in AUTHORS_TREES)}, or the path of a "
+            f"JSON / YAML file)"
         )
     text = path.read_text()
     try:
@@ -189,13 +285,48 @@ def load_taxonomy_file(path: str | Path, class_names: Sequence[str]) -> Taxonomy
             f"taxonomy file {path} is not valid "
             f"{'JSON' if path.suffix.lower() == '.json' else 'YAML'}: {error}"
         ) from None
-    return taxonomy_from_names(content, class_names, source=f"file {path}")
+    source = f"file {path}"
+    if not (isinstance(content, dict) and TASKS_KEY in content):
+        return taxonomy_from_names(content, class_names, source=source, lenient=lenient)
+    extra = sorted(set(content) - {TASKS_KEY, NOTE_KEY})
+    trees = content[TASKS_KEY]
+    if extra or not isinstance(trees, list) or not trees:
+        raise UsageError(
+            f"taxonomy ({source}): a file of trees per task holds {TASKS_KEY!r} (a non-empty "
+            f"list, one tree per task) and optionally {NOTE_KEY!r}; got keys {sorted(content)}"
+        )
+    return TaskTrees(
+        [
+            taxonomy_from_names(
+                tree,
+                class_names,
+                source=f"{source}, task {task + 1}",
+                lenient=lenient,
+                complete=False,  # a task's tree covers the classes seen by then: for_task
+            )
+            for task, tree in enumerate(trees)
+        ],
+        source,
+        lenient,
+    )
 
 
-def taxonomy_from_names(content: Any, class_names: Sequence[str], *, source: str) -> Taxonomy:
-    """Parse nested groups of class names (see the module docstring) and check them."""
+def taxonomy_from_names(
+    content: Any,
+    class_names: Sequence[str],
+    *,
+    source: str,
+    lenient: bool = False,
+    complete: bool = True,
+) -> Taxonomy:
+    """Parse nested groups of class names (see the module docstring) and check them.
+
+    ``complete``: the tree must name every class. ``lenient``: a class listed twice (it
+    then belongs to both groups) and missing classes are logged as warnings, not errors.
+    """
     ids = {name: index for index, name in enumerate(class_names)}
     problems: list[str] = []
+    repeats: list[str] = []  # errors, or warnings when lenient
     seen_at: dict[str, str] = {}
     unknown: list[str] = []
 
@@ -218,13 +349,13 @@ def taxonomy_from_names(content: Any, class_names: Sequence[str], *, source: str
                 for item in scalars:
                     label = str(item)
                     if label in seen_at:
-                        problems.append(
+                        repeats.append(
                             f"class {label!r} is listed twice ({seen_at[label]} and {where})"
                         )
                     seen_at[label] = where
                     if label not in ids:
                         unknown.append(label)
-                    else:
+                    elif ids[label] not in classes:
                         classes.append(ids[label])
                 return TaxonomyNode(name, classes=classes)
             if scalars:
@@ -251,13 +382,28 @@ def taxonomy_from_names(content: Any, class_names: Sequence[str], *, source: str
     root = parse(content, "root", "root")
     if unknown:
         problems.append(f"unknown class names {unknown} (valid names: {_preview(class_names)})")
-    missing = [name for name in class_names if name not in seen_at]
-    if missing:
-        problems.append(f"classes of the scenario missing from the tree: {missing}")
+    if complete:
+        missing = [name for name in class_names if name not in seen_at]
+        if missing:
+            repeats.append(f"classes of the scenario missing from the tree: {missing}")
     if problems:
-        raise UsageError(f"bad taxonomy ({source}): " + "; ".join(problems))
+        raise UsageError(f"bad taxonomy ({source}): " + "; ".join(problems + repeats))
+    _report(repeats, lenient, source)
     assert root is not None
     return Taxonomy(root, source)
+
+
+def _report(problems: list[str], lenient: bool, source: str) -> None:
+    """Problems a lenient check lets pass: a warning each, else one UsageError."""
+    if not problems:
+        return
+    if not lenient:
+        raise UsageError(
+            f"bad taxonomy ({source}): " + "; ".join(problems) + " (taxonomy_check=lenient "
+            "accepts duplicated and missing classes, as the authors' trees have them)"
+        )
+    for problem in problems:
+        logger.warning("taxonomy (%s): %s", source, problem)
 
 
 def _preview(names: Sequence[str], limit: int = 20) -> str:

@@ -6,25 +6,38 @@ logits and prefix values are unchanged, one softmax runs over [prefix ; tokens].
 learnable (tau_l, alpha_l) per prompted layer, initialised to 1, shared by heads and
 tasks, trained in the first task only and frozen afterwards. The gate lives in clbench's
 shared attention path (clbench.encoders.attention.ResidualGate), not in a copied module.
+
+``--preset authors`` runs the authors' code (Minhchuyentoancbn/MoE_PromptCL): HiDe-Prompt's
+authors' settings (see strategies/hide_prompt.py) with NoRGa's own consolidation: on
+CIFAR-100 TAP at lr 0.05 for 80 epochs (scripts/cifar100_Sup21k_NoRGa.sh --ca_lr 0.05, the
+config's crct_epochs 80), where its HiDe re-run uses 0.005 / 30.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from clbench.config import option
 from clbench.registry import STRATEGIES
-from clbench.strategies.hide_prompt import HIDE_PRESETS, HiDePrompt, HiDePromptConfig
+from clbench.strategies.hide_prompt import (
+    HIDE_PRESETS,
+    HiDePrompt,
+    HiDePromptConfig,
+    authors_presets,
+)
 
 
 @dataclass
 class NoRGaConfig(HiDePromptConfig):
-    gate_activation: Literal["sigmoid", "tanh", "gelu", "relu", "identity"] = option(
-        "sigmoid",
-        "act of the gate: sigmoid for supervised ImageNet-21k weights, tanh for iBOT / DINO, "
-        "gelu for MoCo (the authors' choices)",
-        symbol="sigma",
+    gate_activation: Literal["sigmoid", "tanh", "gelu", "relu", "softplus", "elu", "identity"] = (
+        option(
+            "sigmoid",
+            "act of the gate: sigmoid for supervised ImageNet-21k weights, tanh for iBOT / DINO, "
+            "gelu for MoCo (the authors' choices); identity = s + alpha tau s, a learnable "
+            "logit scale (the authors' None), not plain HiDe-Prompt",
+            symbol="sigma",
+        )
     )
 
     @property
@@ -32,12 +45,19 @@ class NoRGaConfig(HiDePromptConfig):
         return self.gate_activation
 
 
+# NoRGa's own presets: HiDe's per-scenario settings, and the authors' code with NoRGa's TAP
+NORGA_PRESETS: dict[str, dict[str, Any]] = {
+    **HIDE_PRESETS,
+    **authors_presets(cifar_tap=(0.05, 80)),  # gate_act sigmoid for Sup-21K: the default
+}
+
+
 @STRATEGIES.register(
     "norga", "NoRGa: HiDe-Prompt with non-linear residual gates on the prefix logits"
 )
 class NoRGa(HiDePrompt):
     Config = NoRGaConfig
-    presets = HIDE_PRESETS
+    presets = NORGA_PRESETS
     config: NoRGaConfig
 
     def begin_task(self, task: int, classes: list[int]) -> None:

@@ -13,6 +13,7 @@ from clbench.consolidation.heads import (
     TaskIdentityHead,
     fit_head,
     reset_linear_layers,
+    train_on_feature_passes,
     train_on_features,
     train_on_samples,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "extract_features",
     "fit_head",
     "reset_linear_layers",
+    "train_on_feature_passes",
     "train_on_features",
     "train_on_samples",
 ]

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from clbench.consolidation.heads import train_on_samples
-from clbench.consolidation.statistics import ClassStatistics, extract_features
+from clbench.consolidation.statistics import ClassStatistics, class_batches, extract_features
 
 if TYPE_CHECKING:
     from clbench.strategy import CLStrategy
@@ -55,10 +55,16 @@ class GaussianConsolidation:
         prompted: PromptedFeatures,
         *,
         forget_queries: bool = False,
+        per_class_batches: bool = False,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """One pass over the current experience's training items (un-augmented, in order):
         fit both statistics of its classes; return the query features, the prompted
         features and the labels (on the CPU, fp32).
+
+        ``per_class_batches``: batches of one class each, in a random order, as the
+        HiDe / NoRGa code's per-class loaders give them (for a prompt layout that mixes
+        the samples of a batch, ``prefix_layout=authors_batch_mix``, what a feature is
+        depends on its batch); features and labels then come back in that order.
 
         The pass costs as much as an evaluation, so it runs at the same precision (the
         strategy's autocast); the statistics (means, covariances) accumulate in fp32.
@@ -76,13 +82,20 @@ class GaussianConsolidation:
                 query = strategy.query(x)
                 return query.float(), prompted(x, query).float()
 
+        dataset = strategy.experience.dataset.eval()
+        batch_size = strategy.config.eval_batch_size
+        batches = None
+        if per_class_batches:
+            targets = torch.as_tensor(list(dataset.targets))
+            batches = class_batches(targets, batch_size)
         features, labels = extract_features(
             query_and_prompted,
-            strategy.experience.dataset.eval(),
-            batch_size=strategy.config.eval_batch_size,
+            dataset,
+            batch_size=batch_size,
             device=strategy.device,
             num_workers=strategy.config.num_workers,
             label="computing features for the class statistics",
+            batches=batches,
         )
         query, prompted_features = features
         self.query_statistics.update(query, labels)

@@ -34,12 +34,14 @@ def fit_head(
     logits_fn: Callable[[Tensor], Tensor] | None = None,
     allowed: Tensor | None = None,
     steps_per_epoch: int | None = None,
+    grad_clip: float = 0.0,
 ) -> None:
     """Cross-entropy training of ``module`` for ``epochs`` epochs of ``epoch_data()``.
 
     ``allowed`` (bool [num_classes]) masks the logits to those classes (lowest finite
     value elsewhere, so the loss stays finite); ``steps_per_epoch`` stops an epoch early
-    (HiDe's code: one step per old class); ``scheduler`` is stepped after each epoch.
+    (HiDe's code: one step per old class); ``scheduler`` is stepped after each epoch;
+    ``grad_clip`` > 0 clips the gradient norm of each step to it.
     """
     forward = logits_fn or module
     module.train()
@@ -58,6 +60,8 @@ def fit_head(
             loss = F.cross_entropy(logits, labels[batch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -117,14 +121,33 @@ def train_on_features(
     lr: float,
     batch_size: int,
     allowed: Tensor | None = None,
+    grad_clip: float = 0.0,
 ) -> None:
     """Train every parameter of ``module`` on fixed ``features`` with Adam, constant lr
     (HiDe-Prompt's task-identity head on one task's un-prompted features)."""
+    train_on_feature_passes(
+        module, lambda: (features, labels), epochs=epochs, lr=lr, batch_size=batch_size,
+        allowed=allowed, grad_clip=grad_clip,
+    )  # fmt: skip
+
+
+def train_on_feature_passes(
+    module: nn.Module,
+    epoch_data: EpochData,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    allowed: Tensor | None = None,
+    grad_clip: float = 0.0,
+) -> None:
+    """:func:`train_on_features` on new features every epoch: ``epoch_data()`` gives them
+    (e.g. a pass over augmented training images, as the HiDe / NoRGa code trains TII)."""
     module.requires_grad_(True)
     optimizer = torch.optim.Adam(module.parameters(), lr=lr)
     fit_head(
-        module, lambda: (features, labels), optimizer, epochs=epochs, batch_size=batch_size,
-        allowed=allowed,
+        module, epoch_data, optimizer, epochs=epochs, batch_size=batch_size, allowed=allowed,
+        grad_clip=grad_clip,
     )  # fmt: skip
 
 

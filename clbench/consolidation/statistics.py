@@ -150,6 +150,18 @@ def _kmeans_with_spread(rows: Tensor, k: int, iterations: int = 20) -> tuple[Ten
     return centroids, stds
 
 
+def class_batches(labels: Tensor, batch_size: int) -> list[list[int]]:
+    """Batches of at most ``batch_size`` items of one class each, every class's items in a
+    random order: what per-class loaders with a random sampler yield (HiDe / NoRGa's
+    statistics pass, ``dataloader_per_cls[c]['train']``)."""
+    batches = []
+    for label in labels.unique().tolist():
+        items = torch.nonzero(labels == label).flatten()
+        items = items[torch.randperm(len(items))]
+        batches += [chunk.tolist() for chunk in items.split(batch_size)]
+    return batches
+
+
 @overload
 def extract_features(
     feature_fn: Callable[[Tensor], Tensor],
@@ -159,6 +171,7 @@ def extract_features(
     device: Any,
     num_workers: int = 0,
     label: str = ...,
+    batches: list[list[int]] | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -171,6 +184,7 @@ def extract_features(
     device: Any,
     num_workers: int = 0,
     label: str = ...,
+    batches: list[list[int]] | None = ...,
 ) -> tuple[tuple[Tensor, ...], Tensor]: ...
 
 
@@ -183,16 +197,23 @@ def extract_features(
     device: Any,
     num_workers: int = 0,
     label: str = "computing features",
+    batches: list[list[int]] | None = None,
 ) -> tuple[Tensor | tuple[Tensor, ...], Tensor]:
     """Run ``feature_fn`` over a dataset (in order, no shuffling): features, labels.
 
     ``feature_fn`` may return several feature tensors per batch (e.g. the query and the
     prompted feature from one pass over the data); they come back as a tuple. The pass
     costs as much as an evaluation, so it says so (``label``) with a progress bar / lines.
+    ``batches`` (lists of item indices) replaces the in-order batches of ``batch_size``.
     """
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
-    )
+    if batches is not None:
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=batches, num_workers=num_workers
+        )
+    else:
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
+        )
     outputs: list[Any] = []
     labels = []
     with progress(len(dataset), label) as bar:

@@ -236,11 +236,16 @@ def prompted_attention(
     return logits.softmax(dim=-1) @ v
 
 
+# NoRGa's gate activations (MoE_PromptCL vits/norga_prompt_vision_transformer.py: None,
+# sigmoid, relu, tanh, gelu, softplus, elu; torch's defaults, beta 1 / alpha 1). "identity"
+# is their None: s + alpha * tau * s, a learnable logit scale, not plain prefix tuning.
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh,
     "sigmoid": torch.sigmoid,
     "gelu": F.gelu,
     "relu": F.relu,
+    "softplus": F.softplus,
+    "elu": F.elu,
     "identity": lambda s: s,
 }
 

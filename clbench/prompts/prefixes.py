@@ -8,11 +8,17 @@ in the authors' code (inherited from L2P / DualPrompt). Every prefix owner takes
 :class:`~clbench.prompts.reparam.PrefixReparam`: with ``mlp`` / ``linear`` the prefix of
 the task being learnt is generated (arXiv 2410.02200) and stored as a plain tensor when
 the task ends (see :mod:`clbench.prompts.reparam`).
+
+:func:`authors_batch_mix` reproduces how the PyTorch ports of DualPrompt (and HiDe-Prompt,
+NoRGa after them) assemble per-sample prefixes: by a reshape that mixes the samples of a
+batch (HiDe / NoRGa's ``prefix_layout=authors_batch_mix``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +27,43 @@ from torch import Tensor, nn
 from clbench.encoders.attention import PrefixGate, Prompt, ResidualGate
 from clbench.prompts.base import PromptModule, PromptSelection, TaskIndex, single_task
 from clbench.prompts.reparam import GeneratedSlot, PrefixReparam
+
+# per_sample: every input's prefix is its own prompt's; authors_batch_mix: the ports' reshape
+PrefixLayout = Literal["per_sample", "authors_batch_mix"]
+
+
+def authors_batch_mix(prefix: Tensor, batch_size: int) -> Tensor:
+    """One layer's prefixes [B or 1, 2, Lp, D] as the PyTorch ports assemble them.
+
+    Their gather gives (layers, 2, B, Lp, ...) and is *reshaped* to (layers, B, 2, Lp, ...)
+    where a permute was meant (JH-LEE-KR/dualprompt-pytorch prompt.py line 120, kept by
+    HiDe-Prompt peft/prompt/hide_prompt.py lines 96-119 and NoRGa norga_prompt.py lines
+    104-127). The layer axis leads, so per layer it is this reshape of (2, B) into (B, 2):
+    half d of sample b's prefix is block j = 2b + d of the (2, B) layout, i.e. half
+    j // B of the prompt of sample j % B. With one prompt for the batch (training), the
+    first half of the batch gets the prompt's key half as keys and values, the second
+    half its value half (an odd middle sample keeps key / value); with per-sample prompts
+    (test), sample b takes keys from sample 2b's prompt and values from 2b + 1's (mod B).
+    """
+    per_sample = prefix.expand(batch_size, *prefix.shape[1:])
+    return per_sample.transpose(0, 1).reshape(per_sample.shape)
+
+
+def mix_prefixes_across_batch(prompt: Prompt, batch_size: int) -> Prompt:
+    """``prompt`` with every layer's prefix assembled by :func:`authors_batch_mix` (gates,
+    tokens, deltas unchanged)."""
+    prefixes = {layer: authors_batch_mix(p, batch_size) for layer, p in prompt.prefixes.items()}
+    return dataclasses.replace(prompt, prefixes=prefixes)
+
+
+def batch_mix_sources(batch_size: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Where :func:`authors_batch_mix` takes each prefix half from: ``sample`` and ``half``,
+    both [B, 2] long; half d (0 keys, 1 values) of sample b's assembled prefix is half
+    ``half[b, d]`` of the prefix of sample ``sample[b, d]``. Computed by the same reshape
+    on tagged halves, so it cannot drift from the layout."""
+    tags = torch.arange(2 * batch_size, device=device).view(batch_size, 2, 1, 1)
+    mixed = authors_batch_mix(tags, batch_size)[..., 0, 0]
+    return mixed // 2, mixed % 2
 
 
 class SharedPrefix(PromptModule):
@@ -177,6 +220,10 @@ class TaskPrefixPrompts(PromptModule):
     freezes P_t. With a generated ``reparam``, P_t is g(P') while task t trains, the
     generator drawn in task 0 and trained on from task to task (so P_t starts as
     P_{t-1} before its momentum); ``end_task`` stores g(P') into P_t before the momentum.
+
+    With ``momentum_while_training`` (the authors' code), task t > 0 also *trains* with
+    the mix (1 - m) P_t + m mean(P_<t), the mean detached; the stored prompt is the same
+    mix, so ``end_task`` stores what training used.
     """
 
     def __init__(
@@ -188,10 +235,12 @@ class TaskPrefixPrompts(PromptModule):
         momentum: float = 0.0,
         gate_activation: str | None = None,
         reparam: PrefixReparam | None = None,
+        momentum_while_training: bool = False,
     ) -> None:
         super().__init__()
         self.layers = list(layers)
         self.momentum = momentum
+        self.momentum_while_training = momentum_while_training
         shape = (len(self.layers), 2, length, embed_dim)
         self.prompts = nn.ParameterList(
             nn.Parameter(torch.empty(shape).uniform_(-1, 1)) for _ in range(num_tasks)
@@ -237,6 +286,9 @@ class TaskPrefixPrompts(PromptModule):
             raise ValueError("task prefixes are chosen by the task: pass task=")
         if isinstance(task, int):
             prompt = self.generated.prompt(task, self.prompts[task], train)
+            if train and self.momentum_while_training and self.momentum > 0 and task > 0:
+                previous = torch.stack(list(self.prompts[:task])).mean(0).detach()
+                prompt = (1 - self.momentum) * prompt + self.momentum * previous
             per_sample = prompt.unsqueeze(0)  # [1, layers, 2, L, D]
         else:
             slots = self.generated.prompts(self.prompts, train)
