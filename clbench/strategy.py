@@ -336,6 +336,9 @@ class CLStrategy(SupervisedTemplate):
 
     # -- the base's own steps ---------------------------------------------------------
     def _set_up(self) -> None:
+        reset = getattr(self.encoder, "reset_run_state", None)  # see BertEncoder
+        if reset is not None:
+            reset()
         self.setup(self.model)
         self.model.to(self.device)
         self.is_set_up = True

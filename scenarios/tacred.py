@@ -11,7 +11,10 @@ Accepted input: the LDC release's JSON (a list of records with ``token``, ``rela
 test.json are merged, as the protocol re-splits the whole set), or one file already in
 FewRel format (relation -> examples), as some continual-RE repositories convert it.
 Encoding (entity markers, truncation around the entities, the token cache) is the one of
-every FewRel-format scenario (:mod:`clbench.data.relations`).
+every FewRel-format scenario (:mod:`clbench.data.relations`), and so are the authors'
+``template`` and ``split`` options (``scenarios/relation_extraction.py``). With
+``split=crl`` the shuffles are CRL's, but of this file's sentence order: CRL's own
+pre-converted TACRED file orders them otherwise, so its exact splits are out of reach.
 """
 
 from __future__ import annotations
@@ -42,9 +45,30 @@ from clbench.data.tacred_files import (  # torch-free: `clbench list` probes wit
 from clbench.errors import UsageError
 from clbench.registry import SCENARIOS
 from clbench.scenario import Scenario, ScenarioSpec, default_data_root
+from clbench.scenarios.relation_extraction import (
+    RelationTemplate,
+    SplitRule,
+    protocol_arguments,
+    split_option,
+    template_option,
+)
 
 EXCLUDED_RELATIONS = ("no_relation", "per:country_of_death")
 TACRED_RELATIONS = 40
+# CRL's datasets/id2rel_tacred.json (thuiar/CRL 7316cba): the relation order their task
+# assignment indexes (scenario.split=crl).
+CRL_TACRED_ID2REL = (
+    "org:founded_by per:employee_of org:alternate_names per:cities_of_residence per:children "
+    "per:title per:siblings per:religion per:age org:website per:stateorprovinces_of_residence "
+    "org:member_of org:top_members/employees per:countries_of_residence "
+    "org:city_of_headquarters org:members org:country_of_headquarters per:spouse "
+    "org:stateorprovince_of_headquarters org:number_of_employees/members org:parents "
+    "org:subsidiaries per:origin org:political/religious_affiliation per:other_family "
+    "per:stateorprovince_of_birth org:dissolved per:date_of_death org:shareholders "
+    "per:alternate_names per:parents per:schools_attended per:cause_of_death per:city_of_death "
+    "per:stateorprovince_of_death org:founded per:country_of_birth per:date_of_birth "
+    "per:city_of_birth per:charges"
+).split()
 # Bump when the conversion to FewRel format changes, so old token caches stop matching.
 CONVERSION_VERSION = 1
 # The Penn Treebank escapes in TACRED's tokens, mapped back so BERT sees the characters.
@@ -71,6 +95,8 @@ class TACREDOptions(RelationOptions):
     exclude_relations: list[str] = option(
         list(EXCLUDED_RELATIONS), "labels left out of the protocol (comma-separated)"
     )
+    template: RelationTemplate = template_option()
+    split: SplitRule = split_option()
 
 
 def check_tacred_present(
@@ -130,16 +156,25 @@ def load_tacred(files: Sequence[Path], exclude: Sequence[str]) -> dict[str, list
 
 
 def split_tacred(
-    data: Mapping[str, Sequence[dict]], seed: int, max_train: int, max_test: int
+    data: Mapping[str, Sequence[dict]],
+    seed: int,
+    max_train: int,
+    max_test: int,
+    *,
+    reseed_per_relation: bool = False,
 ) -> RelationSplits:
     """Per relation (sorted ids, one seeded RNG): test = first min(n // 5, max_test) of a
     shuffle, train = the next max_train at most. A relation with no test sentence is an
-    error: it could be learnt but never scored."""
+    error: it could be learnt but never scored. ``reseed_per_relation``: each relation's
+    shuffle from a fresh ``random.seed(seed)``, as CRL's sampler does (lines 114-118; its
+    test / train rule, lines 146-152, is the same cut)."""
     rng = random.Random(seed)
     train: dict[str, list[int]] = {}
     test: dict[str, list[int]] = {}
     for relation in sorted(data):
         order = list(range(len(data[relation])))
+        if reseed_per_relation:
+            rng = random.Random(seed)
         rng.shuffle(order)
         n_test = min(len(order) // 5, max_test)
         if n_test < 1:
@@ -192,29 +227,46 @@ def tacred(options: TACREDOptions, encoder: Any, seed: int) -> Scenario:
     data = load_tacred(files, options.exclude_relations)
     tasks = options.task_split(len(data), "tacred", unit="relations")
     announce("tacred", tasks)
-    splits = split_tacred(data, seed, options.max_train, options.max_test)
+    crl = options.split == "crl"
+    splits = split_tacred(data, seed, options.max_train, options.max_test, reseed_per_relation=crl)
     digest = hashlib.sha256()
     digest.update(f"tacred-conversion-{CONVERSION_VERSION}".encode())
     for path in files:
         digest.update(bytes.fromhex(file_digest(path)))
     digest.update(json.dumps(sorted(options.exclude_relations)).encode())
-    return build_relation_scenario(
-        "tacred",
+    if crl and not set(data) <= set(CRL_TACRED_ID2REL):
+        unknown = ", ".join(sorted(set(data) - set(CRL_TACRED_ID2REL)))
+        raise UsageError(
+            f"split=crl orders the relations by CRL's id2rel_tacred.json, which lacks {unknown}"
+        )
+    protocol = protocol_arguments(
         data,
         encoder,
         seed,
+        template=options.template,
+        split=options.split,
+        source_digest=digest.hexdigest(),
+        relation_order=[r for r in CRL_TACRED_ID2REL if r in data],
+        crl_splits=lambda: splits,
+    )
+    details = {
+        "data_files": [str(p) for p in files],
+        "excluded_relations": list(options.exclude_relations),
+        "max_train": options.max_train,
+        "max_test": options.max_test,
+        **protocol.pop("details"),
+    }
+    protocol.setdefault("splits", splits)
+    return build_relation_scenario(
+        "tacred",
+        encoder=encoder,
+        seed=seed,
         tasks=tasks,
         max_length=options.max_length,
         n_train=max(len(v) for v in splits.train.values()),
         n_val=0,
         n_test=max(len(v) for v in splits.test.values()),
-        source_digest=digest.hexdigest(),
         relation_names={r: r for r in data},
-        details={
-            "data_files": [str(p) for p in files],
-            "excluded_relations": list(options.exclude_relations),
-            "max_train": options.max_train,
-            "max_test": options.max_test,
-        },
-        splits=splits,
+        details=details,
+        **protocol,
     )

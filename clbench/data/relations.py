@@ -168,9 +168,10 @@ def split_relation_examples(
 ) -> RelationSplits:
     """The RP-CRE / CRL split: per relation, shuffle and cut n_train / n_val / n_test.
 
-    One ``random.Random(seed)`` walks the relations in sorted id order (as RP-CRE's
-    ``random.seed`` + sequential shuffles do), so the split depends on the file's
-    content, never on its key order. Examples beyond the three counts are left out.
+    One ``random.Random(seed)`` walks the relations in sorted id order, so the split
+    depends on the file's content, never on its key order (RP-CRE / CRL re-seed before
+    each relation instead: ``scenario.split=crl``). Examples beyond the three counts are
+    left out.
     """
     if n_train < 1 or n_test < 1 or n_val < 0:
         raise UsageError(
@@ -238,6 +239,7 @@ def build_relation_scenario(
     relation_names: Mapping[str, str] | None = None,
     details: Mapping[str, Any] | None = None,
     splits: RelationSplits | None = None,
+    class_order: Sequence[int] | None = None,
 ) -> Scenario:
     """A class-incremental relation-extraction scenario from FewRel-format data.
 
@@ -246,7 +248,8 @@ def build_relation_scenario(
     before anything is encoded). The validation split is kept aside in
     ``details["validation"]``. ``splits`` replaces the RP-CRE / CRL cut for protocols
     that split otherwise (TACRED); ``n_train`` / ``n_val`` / ``n_test`` then only describe
-    it (as the largest per-relation counts).
+    it (as the largest per-relation counts). ``class_order`` (class ids) replaces the
+    seeded order for protocols that derive it otherwise (CRL's, ``scenario.split=crl``).
     """
     require_text_encoder(encoder, name)
     relations = sorted(data)
@@ -275,7 +278,9 @@ def build_relation_scenario(
         )
 
     train, val, test = dataset(splits.train), dataset(splits.val), dataset(splits.test)
-    class_order = seeded_class_order(len(relations), seed)
+    if class_order is None:
+        class_order = seeded_class_order(len(relations), seed)
+    class_order = list(class_order)
     benchmark, classes = class_incremental(train, test, class_order, tasks)
     names = relation_names or {}
     return Scenario(

@@ -3,17 +3,31 @@
 Input is one LongTensor [B, L] of token ids (padding = the tokenizer's pad id), so text
 batches collate like images. For relation extraction the entity markers
 [E11] head [E12] ... [E21] tail [E22] are written with BERT's reserved ``[unused0..3]``
-vocabulary entries (as RP-CRE / CRL do), so no embedding matrix is resized; the pooled
-feature is the concatenation of the final states at [E11] and [E21] (2 x hidden size).
+vocabulary entries, so no embedding matrix is resized (RP-CRE, CRL and the WAVE-CRE code
+add four new tokens instead and resize it); the pooled feature is the concatenation of
+the final states at [E11] and [E21] (2 x hidden size).
+
+Two behaviours of the WAVE-CRE authors' code, both off by default (the strategy that
+reproduces them switches them on for its run's encoder):
+
+* ``attend_padding``: no attention mask, so every position of the fixed padded length,
+  [PAD] included, is attended (their ``methods/backbone.py`` calls ``BertEncoder`` on the
+  embeddings without a mask, lines 131-149);
+* ``use_embeddings(MarkerEmbeddings)``: the embedding layer with trainable marker rows,
+  position and token-type embeddings and LayerNorm, which they train in task 1
+  (``methods/manager.py`` lines 86-142); the frozen word matrix is shared, not copied.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clbench.encoders.attention import LayerPrompt, join, prompted_attention
@@ -30,6 +44,57 @@ class TextContext:
     key_padding_mask: Tensor  # [B, N] True where a token may be attended
     head_positions: Tensor  # [B] position of [E11]
     tail_positions: Tensor  # [B] position of [E21]
+
+
+class MarkerEmbeddings(nn.Module):
+    """A BERT embedding layer whose small parts are a trainable copy: the rows of the four
+    entity markers, the position and token-type embeddings and the LayerNorm. Every other
+    word row is read from the frozen word matrix passed to :meth:`forward`, so the copy
+    holds ~0.5M values for BERT-base, not the 23M of the vocabulary.
+
+    The WAVE-CRE authors train the whole ``encoder.embeddings`` module in task 1 with a
+    gradient hook that zeroes every word row but the four new markers
+    (``methods/backbone.py`` lines 103-114): what moves is exactly these parts. Untrained,
+    :meth:`forward` equals ``BertEmbeddings`` (absolute positions, token type 0).
+    """
+
+    marker_ids: Tensor
+    position_embeddings: nn.Embedding
+    token_type_embeddings: nn.Embedding
+    LayerNorm: nn.LayerNorm
+
+    def __init__(self, embeddings: Any, marker_ids: Sequence[int]) -> None:
+        """``embeddings``: a Hugging Face ``BertEmbeddings`` (the frozen layer to copy)."""
+        super().__init__()
+        if getattr(embeddings, "position_embeddings", None) is None:
+            raise UsageError("marker embeddings need BERT-style absolute position embeddings")
+        words = embeddings.word_embeddings.weight
+        ids = torch.tensor(list(marker_ids), dtype=torch.long, device=words.device)
+        self.register_buffer("marker_ids", ids)
+        self.marker_rows = nn.Parameter(words.detach()[ids].clone())
+        self.position_embeddings = copy.deepcopy(embeddings.position_embeddings)
+        self.token_type_embeddings = copy.deepcopy(embeddings.token_type_embeddings)
+        self.LayerNorm = copy.deepcopy(embeddings.LayerNorm)
+        self.dropout_rate = float(embeddings.dropout.p)
+        # dropout only while they train (BERT's, as the authors' encoder.train() has it);
+        # otherwise the layer is as deterministic as the frozen encoder it feeds
+        self.tuning = False
+        self.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> MarkerEmbeddings:
+        return super().train(False)  # see ``tuning``: a strategy's model.train() is no switch
+
+    def forward(self, input_ids: Tensor, word_embeddings: nn.Embedding) -> Tensor:
+        hidden = word_embeddings(input_ids)
+        for slot in range(len(self.marker_ids)):
+            is_marker = (input_ids == self.marker_ids[slot]).unsqueeze(-1)
+            hidden = torch.where(is_marker, self.marker_rows[slot].to(hidden.dtype), hidden)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        token_types = torch.zeros_like(input_ids)
+        hidden = hidden + self.token_type_embeddings(token_types)
+        hidden = hidden + self.position_embeddings(positions).unsqueeze(0)
+        hidden = self.LayerNorm(hidden)
+        return F.dropout(hidden, self.dropout_rate, training=self.tuning)
 
 
 class BertEncoder(PromptableEncoder):
@@ -54,20 +119,48 @@ class BertEncoder(PromptableEncoder):
         )
         if tokenizer.unk_token_id in self.marker_ids.values():
             raise UsageError("the tokenizer has no [unused0..3] entries for the entity markers")
+        # the WAVE-CRE code's behaviours (module docstring); off: the corrected encoder
+        self.attend_padding = False
+        self._marker_embeddings: MarkerEmbeddings | None = None
         self.freeze()
+
+    def reset_run_state(self) -> None:
+        """Back to the corrected encoder: a strategy set up on this (shared) encoder must
+        not inherit the authors'-code behaviours an earlier run in the process turned on."""
+        self.attend_padding = False
+        self.use_embeddings(None)
+
+    def marker_embeddings(self) -> MarkerEmbeddings:
+        """A fresh :class:`MarkerEmbeddings` copied from this encoder's embedding layer."""
+        return MarkerEmbeddings(self.model.embeddings, list(self.marker_ids.values()))
+
+    def use_embeddings(self, embeddings: MarkerEmbeddings | None) -> None:
+        """Embed every later input with ``embeddings`` (None: the frozen layer again).
+
+        The module stays its owner's (a strategy's model: it is checkpointed and moved to
+        the device there); the encoder only holds a reference, kept out of its own
+        modules so that the encoder's parameters remain the frozen backbone's."""
+        object.__setattr__(self, "_marker_embeddings", embeddings)
 
     @property
     def blocks(self) -> Any:
         return self.model.encoder.layer
 
     def embed(self, x: Tensor) -> tuple[Tensor, TextContext]:
-        # Scenarios pad every sentence to one fixed length so batches collate; cutting the
-        # batch to its longest sentence (padding is at the end) removes attention over
-        # padding that would be masked anyway: ~3x faster on FewRel, identical outputs.
-        longest = int((x != self.pad_token_id).sum(dim=1).max())
-        x = x[:, :longest]
-        hidden = self.model.embeddings(input_ids=x, token_type_ids=torch.zeros_like(x))
-        mask = x != self.pad_token_id
+        if self.attend_padding:
+            # the authors' code: every position of the scenario's padded length is attended
+            mask = torch.ones_like(x, dtype=torch.bool)
+        else:
+            # Scenarios pad every sentence to one fixed length so batches collate; cutting
+            # the batch to its longest sentence (padding is at the end) removes attention
+            # over padding that would be masked anyway: ~3x faster on FewRel, same outputs.
+            longest = int((x != self.pad_token_id).sum(dim=1).max())
+            x = x[:, :longest]
+            mask = x != self.pad_token_id
+        if self._marker_embeddings is not None:
+            hidden = self._marker_embeddings(x, self.model.embeddings.word_embeddings)
+        else:
+            hidden = self.model.embeddings(input_ids=x, token_type_ids=torch.zeros_like(x))
         head = (x == self.marker_ids["[E11]"]).int().argmax(dim=1)
         tail = (x == self.marker_ids["[E21]"]).int().argmax(dim=1)
         if self.pooling == "entity":
