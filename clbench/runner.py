@@ -115,6 +115,8 @@ def resolve_run(request: RunRequest) -> dict[str, Any]:
     preset_strategy, preset_scenario = split_preset(
         preset_values, {f.name for f in fields(scenario_defaults)}
     )
+    # what the scenario itself says a preset of this name needs (its smoke settings)
+    preset_scenario = {**spec.preset_options.get(preset, {}), **preset_scenario}
     strategy_config = apply_overrides(
         strategy_class.Config(), preset_strategy, what=f"{strategy_class.name} preset"
     )

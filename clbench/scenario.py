@@ -61,6 +61,10 @@ class ScenarioSpec:
     check_options(options): the checks that need no data, run before a run folder exists.
     describe(options) -> str: the protocol those options give, in a line for ``clbench
         list`` ("100 classes, 10 tasks x 10"; the task split included), read without data.
+    preset_options: scenario options that a strategy preset of that name sets on this
+        scenario, e.g. ``{"quick": {"normalize": "none"}}``: what a smoke run of this
+        scenario needs, said once by the scenario instead of in every strategy's preset;
+        a strategy preset's own ``scenario.<option>`` keys and the user's --set win.
     """
 
     default_backbone: str
@@ -71,6 +75,7 @@ class ScenarioSpec:
     download: DataFetcher | None = None
     check_options: Callable[[Any], None] | None = None
     describe: Callable[[Any], str] | None = None
+    preset_options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def metrics(self) -> tuple[str, ...]:
