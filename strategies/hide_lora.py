@@ -30,13 +30,13 @@ from clbench.adapters import LayerAdapters, LoRA, stack_tasks
 from clbench.config import option
 from clbench.encoders import Prompt
 from clbench.encoders.base import PromptableEncoder
-from clbench.prompts.base import PromptModule, PromptSelection, TaskIndex
+from clbench.prompts.base import InheritingSlots, PromptSelection, TaskIndex
 from clbench.registry import STRATEGIES
 from clbench.strategies.hide_prompt import HIDE_PRESETS, HiDePrompt, HiDePromptConfig
 from clbench.strategy import StrategyModel
 
 
-class TaskLoRAs(PromptModule):
+class TaskLoRAs(InheritingSlots):
     """One LoRA set per task, answering the prompt-module call HiDe-Prompt makes of its
     task prefixes (``module(task=int | Tensor[B])``, ``begin_task`` / ``end_task``)."""
 
@@ -77,22 +77,6 @@ class TaskLoRAs(PromptModule):
         """Each task's factors as one flat vector: what HiDe-Prompt's prompted-feature
         cache compares to see that a slot changed."""
         return [torch.cat([p.reshape(-1) for p in slot.parameters()]) for slot in self.tasks]
-
-    def begin_task(self, task: int) -> None:
-        if task > 0:
-            with torch.no_grad():
-                for new, old in zip(self.slot_parameters(task), self.slot_parameters(task - 1)):
-                    new.copy_(old)
-        super().begin_task(task)
-
-    def end_task(self, task: int) -> None:
-        if self.momentum > 0 and task > 0:
-            with torch.no_grad():
-                old_slots = [self.slot_parameters(slot) for slot in range(task)]
-                for index, parameter in enumerate(self.slot_parameters(task)):
-                    mean = torch.stack([slot[index] for slot in old_slots]).mean(0)
-                    parameter.copy_((1 - self.momentum) * parameter + self.momentum * mean)
-        super().end_task(task)
 
     def forward(
         self, query: Tensor | None = None, *, task: TaskIndex = None, train: bool = False

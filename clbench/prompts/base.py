@@ -81,6 +81,33 @@ class PromptModule(nn.Module):
                 parameter.requires_grad_(False)
 
 
+class InheritingSlots(PromptModule):
+    """Per-task slots in HiDe-Prompt's lifecycle (its task prefixes, VAPT's adaptive
+    prompts, HiDe-LoRA's adapters): slot t starts as a copy of slot t-1, and when task t
+    ends, with prompt momentum m > 0, every parameter of slot t becomes
+    (1 - m) itself + m mean over the slots < t (the authors' code), then is frozen.
+    A subclass sets ``self.momentum`` and reports its slots as :class:`PromptModule` says.
+    """
+
+    momentum: float = 0.0
+
+    def begin_task(self, task: int) -> None:
+        if task > 0:
+            with torch.no_grad():
+                for new, old in zip(self.slot_parameters(task), self.slot_parameters(task - 1)):
+                    new.copy_(old)
+        super().begin_task(task)
+
+    def end_task(self, task: int) -> None:
+        if self.momentum > 0 and task > 0:
+            with torch.no_grad():
+                old_slots = [self.slot_parameters(slot) for slot in range(task)]
+                for index, parameter in enumerate(self.slot_parameters(task)):
+                    mean = torch.stack([slot[index] for slot in old_slots]).mean(0)
+                    parameter.copy_((1 - self.momentum) * parameter + self.momentum * mean)
+        super().end_task(task)
+
+
 def single_task(task: TaskIndex, what: str) -> int | None:
     """``task`` as one task for the whole batch; a module that selects its prompts by key
     match (or uses every task learnt so far) cannot take per-input tasks."""

@@ -25,7 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clbench.encoders.attention import PrefixGate, Prompt, ResidualGate
-from clbench.prompts.base import PromptModule, PromptSelection, TaskIndex, single_task
+from clbench.prompts.base import (
+    InheritingSlots,
+    PromptModule,
+    PromptSelection,
+    TaskIndex,
+    single_task,
+)
 from clbench.prompts.reparam import GeneratedSlot, PrefixReparam
 
 # per_sample: every input's prefix is its own prompt's; authors_batch_mix: the ports' reshape
@@ -206,7 +212,7 @@ class TaskKeyedPrefixPool(PromptModule):
         return PromptSelection(Prompt(prefixes=prefixes), pull, chosen)
 
 
-class TaskPrefixPrompts(PromptModule):
+class TaskPrefixPrompts(InheritingSlots):
     """One prefix prompt per task at ``layers`` (HiDe-Prompt, NoRGa), no key.
 
     ``task`` is an int while training (the task is known) or a tensor [B] of inferred
@@ -262,21 +268,13 @@ class TaskPrefixPrompts(PromptModule):
         return [self.prompts[slot]]
 
     def begin_task(self, task: int) -> None:
-        """Initialise the new prompt from the previous one; only the new one trains."""
-        if task > 0:
-            with torch.no_grad():
-                self.prompts[task].copy_(self.prompts[task - 1])
+        """The new prompt starts as the previous one; only it trains."""
         super().begin_task(task)
         self.generated.begin(task, self.prompts[task], fresh=task == 0)
 
     def end_task(self, task: int) -> None:
         """P_t <- (1 - m) P_t + m mean(P_<t), then freeze P_t (HiDe's prompt momentum)."""
-        prompt = self.prompts[task]
-        self.generated.finish(task, prompt)  # a generated P_t is a plain tensor from here
-        if self.momentum > 0 and task > 0:
-            with torch.no_grad():
-                previous = torch.stack(list(self.prompts[:task])).mean(0)
-                prompt.copy_((1 - self.momentum) * prompt + self.momentum * previous)
+        self.generated.finish(task, self.prompts[task])  # a plain tensor from here
         super().end_task(task)
 
     def forward(

@@ -39,7 +39,7 @@ from clbench.config import option
 from clbench.encoders.attention import LayerPrompt, PrefixGate, Prompt, ResidualGate
 from clbench.encoders.base import PromptableEncoder
 from clbench.errors import UsageError
-from clbench.prompts.base import PromptModule, PromptSelection, TaskIndex
+from clbench.prompts.base import InheritingSlots, PromptSelection, TaskIndex
 
 LAYER_NORM_EPS = 1e-6  # the ViT's LayerNorm eps in VAPT's code (the jeonsworld port)
 
@@ -93,7 +93,7 @@ class VAPTSlot(nn.Module):
         self.out = nn.Parameter(torch.empty(embed_dim, hidden).uniform_(-1, 1) / math.sqrt(hidden))
 
 
-class AdaptivePrompts(PromptModule):
+class AdaptivePrompts(InheritingSlots):
     """VAPT's prompts, one :class:`VAPTSlot` per task (see the module docstring).
 
     ``task`` is an int (training: the task is known) or a tensor [B] of inferred tasks;
@@ -163,24 +163,6 @@ class AdaptivePrompts(PromptModule):
         """Every slot's parameters as one flat vector (what a prompted-feature cache
         versions a slot by)."""
         return [torch.cat([p.detach().flatten() for p in slot.parameters()]) for slot in self.slots]
-
-    def begin_task(self, task: int) -> None:
-        """Slot t starts as slot t-1 (HiDe's initialisation); only slot t trains."""
-        if task > 0:
-            with torch.no_grad():
-                for new, old in zip(self.slot_parameters(task), self.slot_parameters(task - 1)):
-                    new.copy_(old)
-        super().begin_task(task)
-
-    def end_task(self, task: int) -> None:
-        """Every parameter of slot t <- (1 - m) itself + m mean over slots < t; freeze it."""
-        if self.momentum > 0 and task > 0:
-            with torch.no_grad():
-                for index, parameter in enumerate(self.slot_parameters(task)):
-                    old: list[Tensor] = [self.slot_parameters(s)[index] for s in range(task)]
-                    mean = torch.stack(old).mean(0)
-                    parameter.copy_((1 - self.momentum) * parameter + self.momentum * mean)
-        super().end_task(task)
 
     def _gathered(self, task: int | Tensor) -> dict[str, Tensor]:
         """Each parameter of the input's slot, with a leading batch dim (1 for an int)."""
