@@ -19,7 +19,7 @@ arrays an unbroken run holds.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, TypedDict
+from typing import Any, ClassVar, TypedDict
 
 import torch
 from torch import Tensor
@@ -41,6 +41,9 @@ class CacheChanges(TypedDict):
 class QueryCache:
     """Fingerprint -> feature, kept sorted by fingerprint for ``searchsorted`` lookups."""
 
+    # (batch, its in-place version, its fingerprints): see fingerprint
+    _last_fingerprint: ClassVar[tuple[Tensor, int, Tensor | None] | None] = None
+
     def __init__(self, max_items: int = 2_000_000) -> None:
         self.max_items = max_items
         self.keys = torch.empty(0, dtype=torch.long)
@@ -58,7 +61,21 @@ class QueryCache:
         return int(self.keys.numel())
 
     def fingerprint(self, x: Tensor) -> Tensor | None:
-        """int64 [B] fingerprints, or None for input types we do not hash."""
+        """int64 [B] fingerprints, or None for input types we do not hash.
+
+        A pure function of ``x`` (the hash weights are seeded by the row size), so the
+        last batch's result is kept for every cache: a prediction hashes its batch for the
+        query cache and again for the prompted-feature cache, and the second time is
+        free. The batch is recognised by identity and in-place version, and held until
+        the next one, so its identity cannot pass to another tensor meanwhile."""
+        last = QueryCache._last_fingerprint
+        if last is not None and last[0] is x and last[1] == x._version:
+            return None if last[2] is None else last[2].clone()
+        keys = self._fingerprint(x)
+        QueryCache._last_fingerprint = (x, x._version, keys)
+        return None if keys is None else keys.clone()
+
+    def _fingerprint(self, x: Tensor) -> Tensor | None:
         flat = x.reshape(x.shape[0], -1)
         if flat.dtype == torch.float32:
             flat = flat.contiguous().view(torch.int32)

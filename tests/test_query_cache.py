@@ -205,3 +205,26 @@ def test_a_tampered_query_cache_part_is_refused_unrun(tmp_path):
         load_checkpoint(folder)
     assert "part-0000.pt" in str(raised.value) and len(str(raised.value).splitlines()) == 1
     assert not marker.exists()
+
+
+def test_a_batch_is_hashed_once_for_every_cache(monkeypatch) -> None:
+    """The query cache and the prompted-feature cache hash the same test batch in turn:
+    the second fingerprint is the first one's, until the batch changes in place."""
+    calls = []
+    real = QueryCache._fingerprint
+
+    def counted(self, x):
+        calls.append(1)
+        return real(self, x)
+
+    monkeypatch.setattr(QueryCache, "_fingerprint", counted)
+    x = torch.rand(4, 3, 8, 8)
+    first = QueryCache().fingerprint(x)
+    second = QueryCache().fingerprint(x)  # another cache, the same batch
+    assert len(calls) == 1 and torch.equal(first, second)
+    second += 1  # a caller's copy: the kept fingerprints stay as they were
+    assert torch.equal(QueryCache().fingerprint(x), first) and len(calls) == 1
+    x[0, 0, 0, 0] += 1.0  # changed in place: hashed again, row 0 differs
+    third = QueryCache().fingerprint(x)
+    assert len(calls) == 2 and third[0] != first[0] and torch.equal(third[1:], first[1:])
+    assert torch.equal(QueryCache().fingerprint(x.clone()), third) and len(calls) == 3
