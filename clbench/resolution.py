@@ -35,6 +35,9 @@ def resolve_preset(
 ) -> tuple[str, dict[str, Any]]:
     """``auto`` = the strategy's preset named after the scenario if it has one, else defaults.
 
+    A named preset P takes ``P:<scenario>`` (else ``P:<protocol>``) over it where the
+    strategy has one (``quick:digits-offline``).
+
     ``authors`` = the authors' official code's settings for this scenario: the preset
     ``authors:<scenario>``, else ``authors:<protocol>`` (the paper protocol the scenario
     follows, so fewrel-offline takes the fewrel one); the name recorded is the one found.
@@ -54,6 +57,11 @@ def resolve_preset(
         raise UsageError(
             f"unknown preset {preset!r} for {strategy_class.name}; valid choices: {valid}"
         )
+    # ``<preset>:<scenario>`` (else ``:<protocol>``) refines the preset on that scenario:
+    # one quick preset whose digits-offline steps differ from its fewrel-offline ones
+    for refined in (f"{preset}:{scenario}", f"{preset}:{protocol}"):
+        if refined in presets and ":" not in preset:
+            return preset, {**presets[preset], **presets[refined]}
     return preset, dict(presets[preset])
 
 
