@@ -52,7 +52,8 @@ class DigitsOptions(TaskSplitOptions, Options):
     task_sizes: list[int] = task_sizes_option()
     initial_classes: int = initial_classes_option()
     increment: int = increment_option()
-    normalize: Normalization = normalize_option()
+    # no paper runs on it, so no authors' code to mark: its quick preset takes [0, 1]
+    normalize: Normalization = normalize_option(authors_quirk=False)
     train_per_class: int = option(
         0,
         "training images per class, the first ones of the fixed 80% split (0: all of "

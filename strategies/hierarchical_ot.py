@@ -285,14 +285,17 @@ AUTHORS_BASE: dict[str, Any] = {
     "ot_samples": 1200,
 }
 # fmt: off
+# input normalisation as HierC 8ade7f0 datasets.py: build_cifar_transform (lines 385-407) takes
+# CIFAR's mean / std, build_transform (335-356, every other data set) plain [0, 1]
 AUTHORS_CIFAR: dict[str, Any] = {
     **AUTHORS_BASE, "contrastive_weight": 0.3, "reg_sub": 0.01, "reg_glob": 0.001,
     "energy_delta": 150.0, "taxonomy": "authors-split-cifar100",
+    "scenario.normalize": "cifar100",
 }
 AUTHORS_IMAGENET_R: dict[str, Any] = {
     **AUTHORS_BASE, "contrastive_weight": 0.6, "reg_sub": 0.015, "reg_glob": 0.002,
     "energy_delta": 15.0, "taxonomy": "authors-imagenet-r", "taxonomy_check": "lenient",
-    "epochs": 150, "lr_schedule": "cosine", "prompt_length": 20,
+    "epochs": 150, "lr_schedule": "cosine", "prompt_length": 20, "scenario.normalize": "none",
 }
 # fmt: on
 # the released scripts as they ship (README: "without any trick"): OT and test-time step off

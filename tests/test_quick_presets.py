@@ -187,3 +187,13 @@ def test_only_digits_offline_takes_its_quick_pixels() -> None:
     )
     assert cifar["scenario_options"]["normalize"] == "backbone"
     assert SCENARIOS.spec("digits-offline").preset_options == {"quick": {"normalize": "none"}}
+
+
+def test_digits_offline_quick_is_not_marked_as_authors_code() -> None:
+    """[0, 1] pixels are a quirk of the papers' code on their data sets, a plain setting on
+    clbench's own smoke scenario: tables must not label quick runs "(authors' code)"."""
+    config = resolve_run(
+        RunRequest(strategy="seq-ft", scenario="digits-offline", preset="quick", device="cpu")
+    )
+    assert config["scenario_options"]["normalize"] == "none"
+    assert not config.get("authors_quirks")
