@@ -14,6 +14,7 @@ from torch import Tensor
 from clbench.config import Options, option
 from clbench.data.splits import (
     TaskSplitOptions,
+    added_option,
     announce,
     increment_option,
     initial_classes_option,
@@ -22,9 +23,9 @@ from clbench.data.splits import (
     task_sizes_option,
 )
 from clbench.data.vision import (
+    NORMALIZE_HELP,
     Normalization,
     input_statistics,
-    normalize_option,
     require_vision_encoder,
 )
 from clbench.errors import UsageError
@@ -52,9 +53,10 @@ class DigitsOptions(TaskSplitOptions, Options):
     task_sizes: list[int] = task_sizes_option()
     initial_classes: int = initial_classes_option()
     increment: int = increment_option()
-    # no paper runs on it, so no authors' code to mark: its quick preset takes [0, 1]
-    normalize: Normalization = normalize_option(authors_quirk=False)
-    train_per_class: int = option(
+    # recorded only when set (config.json and sweep identities of earlier runs stay); no
+    # paper runs on digits, so [0, 1] pixels are a plain setting here, not a quirk
+    normalize: Normalization = added_option("backbone", NORMALIZE_HELP)
+    train_per_class: int = added_option(
         0,
         "training images per class, the first ones of the fixed 80% split (0: all of "
         "them, 141-146); the test images stay whole",

@@ -82,7 +82,7 @@ def test_identity_hashes_the_resolved_options_not_how_they_were_given(tmp_path):
                 "scenario": "digits-offline",
                 "seed": 3,
                 "preset": "quick",
-                "set": {"epochs": 1, "batch_size": 32},
+                "set": {"epochs": 1, "batch_size": 8, "lr": 0.01},  # seq-ft's quick
             },
             "test",
         ),

@@ -64,12 +64,9 @@ NORMALIZE_HELP = (
 )
 
 
-def normalize_option(*, authors_quirk: bool = True) -> Any:
-    """The ``normalize`` option every image scenario declares; on a scenario of the papers
-    anything but the backbone's statistics is an authors'-code quirk (tables mark it), on
-    a smoke scenario of clbench's own (digits-offline) it is a plain setting."""
-    if not authors_quirk:
-        return option("backbone", NORMALIZE_HELP)
+def normalize_option() -> Any:
+    """The ``normalize`` option every image scenario of the papers declares: anything but
+    the backbone's statistics is an authors'-code quirk there (tables mark it)."""
     return option(
         "backbone",
         NORMALIZE_HELP,
