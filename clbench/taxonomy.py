@@ -49,6 +49,7 @@ TREES_FOLDER = Path(__file__).parent / "data" / "trees"
 AUTHORS_TREES = {
     "split-cifar100": "hierc-split-cifar100.json",
     "imagenet-r": "hierc-imagenet-r.json",
+    "split-cub200": "hierc-split-cub200.json",
 }
 # the key of a file with one tree per task; "note" may say where the trees come from
 TASKS_KEY = "tasks"

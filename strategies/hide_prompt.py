@@ -237,6 +237,53 @@ def authors_presets(cifar_tap: tuple[float, int]) -> dict[str, dict[str, Any]]:
     }
 
 
+# AUTHORS_TRAINING without the class-order key, for 5-datasets (it has none: its task order
+# is the data sets' order, which the authors shuffle; see AUTHORS_5_DATASETS)
+_AUTHORS_NO_CLASS_ORDER = {k: v for k, v in AUTHORS_TRAINING.items() if k != "scenario.class_order"}
+# CUB-200 as the MoE_PromptCL scripts run it (scripts/cub_Sup21k_HiDe.sh lines 3-14, TII
+# stage; 20-34, prompts and TAP; the NoRGa script differs only in tii_align_lr and TAP):
+# build_transform (datasets.py 287-307) takes pixels in [0, 1], --shuffle True a seeded
+# class order, no --larger_prompt_lr so the head trains at the prompts' lr (trainers/
+# hideprompt_trainer.py 107-116), --sched step at the config's 30 (configs/cub_hideprompt_5e.py
+# lines 31, 44), --reg 0.01, --length 20, --prompt_momentum 0.01
+AUTHORS_CUB200: dict[str, Any] = {
+    **AUTHORS_TRAINING,
+    "scenario.normalize": "none",
+    "epochs": 50,
+    "lr": 0.015,  # the config's --lr 0.03 (line 33) x 128 / 256
+    "lr_schedule": "step",
+    "lr_step_epoch": 30,
+    "grad_clip": 1.0,
+    "head_lr_scale": 1.0,
+    "prompt_length": 20,
+    "contrastive_weight": 0.01,
+    "prompt_momentum": 0.01,
+    "tii_lr": 0.01 * 128 / 256,  # TII stage --lr 0.01, x batch / 256 (tii_trainer.py 78)
+    "tii_align_lr": 0.005 * 128 / 256,  # --ca_lr 0.005, scaled too (tii_trainer.py 79)
+}
+# 5-datasets as the MoE_PromptCL scripts run it (scripts/5datasets_Sup21k_HiDe.sh lines 3-14,
+# TII stage at --lr 0.001; 20-38: 20 epochs constant, --lr 0.03, --clip-grad 2, --reg 0.1,
+# --larger_prompt_lr, the config's --length 40: configs/five_datasets_hideprompt_5e.py 115).
+# --shuffle True shuffles the data-set list with random.seed(seed) (datasets.py 51-57,
+# main.py 94): with their only seed, 42, the order below. Not reproduced: CIFAR-10's images
+# take CIFAR-100's mean / std (build_cifar_transform, datasets.py 68-70), the others [0, 1].
+AUTHORS_5_DATASETS: dict[str, Any] = {
+    **_AUTHORS_NO_CLASS_ORDER,
+    "scenario.normalize": "none",
+    "scenario.datasets": ["notmnist", "mnist", "cifar10", "fashion-mnist", "svhn"],
+    "epochs": 20,
+    "lr": 0.015,  # 0.03 x 128 / 256
+    "lr_schedule": "constant",
+    "grad_clip": 2.0,
+    "head_lr_scale": 0.1,
+    "prompt_length": 40,
+    "contrastive_weight": 0.1,
+    "prompt_momentum": 0.01,
+    "tii_lr": 0.001 * 128 / 256,
+    "tii_align_lr": 0.005 * 128 / 256,
+}
+
+
 @STRATEGIES.register(
     "hide-prompt",
     "HiDe-Prompt: task prefixes, task-identity inference, Gaussian head consolidation",
@@ -244,8 +291,14 @@ def authors_presets(cifar_tap: tuple[float, int]) -> dict[str, dict[str, Any]]:
 class HiDePrompt(CLStrategy):
     Config = HiDePromptConfig
     infers_task = True  # the TII head picks the task prompt
-    # scripts/cifar100_Sup21k_HiDe.sh: TAP --ca_lr 0.005 --crct_epochs 30
-    presets = {**HIDE_PRESETS, **authors_presets(cifar_tap=(0.005, 30))}
+    # scripts/cifar100_Sup21k_HiDe.sh: TAP --ca_lr 0.005 --crct_epochs 30; the same on CUB
+    # (cub_Sup21k_HiDe.sh lines 26-27) and 5-datasets (5datasets_Sup21k_HiDe.sh 29-32)
+    presets = {
+        **HIDE_PRESETS,
+        **authors_presets(cifar_tap=(0.005, 30)),
+        "authors:split-cub200": {**AUTHORS_CUB200, "tap_lr": 0.005, "tap_epochs": 30},
+        "authors:5-datasets": {**AUTHORS_5_DATASETS, "tap_lr": 0.005, "tap_epochs": 30},
+    }
     config: HiDePromptConfig
 
     def task_slots(self) -> TaskSlots:

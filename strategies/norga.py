@@ -21,6 +21,8 @@ from typing import Any, Literal
 from clbench.config import option
 from clbench.registry import STRATEGIES
 from clbench.strategies.hide_prompt import (
+    AUTHORS_5_DATASETS,
+    AUTHORS_CUB200,
     HIDE_PRESETS,
     HiDePrompt,
     HiDePromptConfig,
@@ -49,6 +51,24 @@ class NoRGaConfig(HiDePromptConfig):
 NORGA_PRESETS: dict[str, dict[str, Any]] = {
     **HIDE_PRESETS,
     **authors_presets(cifar_tap=(0.05, 80)),  # gate_act sigmoid for Sup-21K: the default
+    # scripts/cub_Sup21k_NoRGa.sh (lines 3-14 TII, 20-32): HiDe's CUB run but no --ca_lr,
+    # so the config's 0.05 for TII alignment (x 128 / 256) and TAP, and its crct_epochs 80
+    # for TAP (configs/cub_norgaprompt.py lines 140, 144); --gate_act sigmoid (line 32)
+    "authors:split-cub200": {
+        **AUTHORS_CUB200,
+        "tii_align_lr": 0.05 * 128 / 256,
+        "tap_lr": 0.05,
+        "tap_epochs": 80,
+        "gate_activation": "sigmoid",
+    },
+    # scripts/5datasets_Sup21k_NoRGa.sh: HiDe's 5-datasets run line for line (TAP --ca_lr
+    # 0.005 --crct_epochs 30, lines 29-32) with --gate_act tanh (line 38)
+    "authors:5-datasets": {
+        **AUTHORS_5_DATASETS,
+        "tap_lr": 0.005,
+        "tap_epochs": 30,
+        "gate_activation": "tanh",
+    },
 }
 
 
