@@ -14,6 +14,18 @@ REPO = Path(__file__).resolve().parents[1]
 FEWREL_FILE = REPO.parent / "shared" / "data" / "fewrel" / "val_wiki.json"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    on a loaded 2-core machine two threads spin against the other jobs, and small models or
+    whole tiny runs take many times longer (~15x for the run-loop tests); comparisons inside
+    a module then run at one setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_vit():
     from clbench.encoders.zoo import TinyViTOptions, vit_tiny_random

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from avalanche.core import SupervisedPlugin
 
 from clbench import runner
@@ -63,15 +62,7 @@ def counted_run(out: Path, **fields: Any) -> tuple[RunFolder, EvaluationCounter]
     return folder, counter
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    # conftest asks for 2 threads; on a loaded 2-core machine these whole runs then take
-    # ~15x longer (threads waiting for each other), and the comparisons here are between
-    # runs made under the same setting
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from small_configs import HIDE_SMALL
 
 from clbench.consolidation import ClassStatistics
 from clbench.prompts import TaskPrefixPrompts
 from clbench.registry import STRATEGIES
 from clbench.scenarios.offline_vision import DigitsOptions, digits_offline
 
-SMALL = dict(
-    epochs=1,
-    batch_size=64,
-    eval_batch_size=256,
-    num_tasks=5,
-    prompt_layers=[0, 1],
-    prompt_length=3,
-    tii_epochs=1,
-    tii_align_epochs=1,
-    tap_epochs=1,
-    samples_per_class=16,
-    lr_schedule="constant",
-)
+SMALL = HIDE_SMALL
 
 
 @pytest.fixture(scope="module")

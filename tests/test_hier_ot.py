@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from small_configs import HIER_SMALL
 
 from clbench.errors import UsageError
 from clbench.ot_distance import ClassDistances, exact_emd, squared_euclidean_costs
@@ -21,22 +22,7 @@ from clbench.taxonomy import (
     taxonomy_from_names,
 )
 
-SMALL = dict(
-    epochs=1,
-    batch_size=64,
-    eval_batch_size=256,
-    num_tasks=5,
-    prompt_layers=[0, 1],
-    prompt_length=3,
-    tii_epochs=1,
-    tii_align_epochs=1,
-    tap_epochs=1,
-    samples_per_class=16,
-    lr_schedule="constant",
-    pseudo_features=48,
-    ot_samples=48,
-    group_size=2.0,
-)
+SMALL = HIER_SMALL
 DIGIT_NAMES = [str(d) for d in range(10)]
 
 

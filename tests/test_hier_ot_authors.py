@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from small_configs import HIER_SMALL
 
 from clbench.config import authors_quirks
 from clbench.errors import UsageError
@@ -35,22 +36,7 @@ from clbench.taxonomy import (
     taxonomy_from_names,
 )
 
-SMALL = dict(
-    epochs=1,
-    batch_size=64,
-    eval_batch_size=256,
-    num_tasks=5,
-    prompt_layers=[0, 1],
-    prompt_length=3,
-    tii_epochs=1,
-    tii_align_epochs=1,
-    tap_epochs=1,
-    samples_per_class=16,
-    lr_schedule="constant",
-    pseudo_features=48,
-    ot_samples=48,
-    group_size=2.0,
-)
+SMALL = HIER_SMALL
 DIGITS = [str(d) for d in range(10)]
 CIFAR_NAMES = sorted(name for names in CIFAR100_SUPERCLASSES.values() for name in names)
 

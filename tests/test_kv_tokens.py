@@ -22,12 +22,7 @@ ENCODERS = ["tiny_vit", "minilm"]
 TOLERANCE = {"tiny_vit": 1e-5, "minilm": 1e-4}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vpt_deep_vit(encoder, x, tokens):

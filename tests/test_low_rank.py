@@ -28,14 +28,7 @@ from clbench.prompts import merge_prompts
 ENCODERS = ["tiny_vit", "minilm"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core machine two threads spin against the other
-    jobs and these small products take many times longer."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FP32 = {"atol": 1e-5, "rtol": 1e-5}

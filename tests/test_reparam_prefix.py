@@ -22,12 +22,7 @@ from clbench.scenarios.offline_vision import DigitsOptions, digits_offline
 MLP = PrefixReparam("mlp", hidden=6)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

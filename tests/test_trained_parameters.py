@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from clbench import runner
 from clbench.cli import main
@@ -40,12 +39,7 @@ def run(out: Path, strategy: str, **options: Any) -> tuple[RunFolder, Any]:
     return folder, built["strategy"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_l2p_records_its_pool_and_head(tmp_path: Path) -> None:

@@ -16,13 +16,7 @@ from clbench.prompts.vapt import AdaptivePrompts, VAPTSlot, patch_grid
 from clbench.registry import STRATEGIES
 from clbench.scenarios.offline_vision import DigitsOptions, digits_offline
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_parameter_counts_of_the_papers_vit_b16_setting():
