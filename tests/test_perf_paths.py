@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from avalanche.core import SupervisedPlugin
+from small_configs import HIDE_SMALL
 
 from clbench.encoders.attention import prompted_attention
 from clbench.errors import UsageError
@@ -262,20 +263,7 @@ def test_bf16_training_runs_through_avalanche_with_fp32_losses_and_parameters(ti
 
     digits = digits_offline(DigitsOptions(num_experiences=5), tiny_vit, seed=0)
     strategy_class = STRATEGIES.get("norga")
-    config = strategy_class.Config(
-        epochs=1,
-        batch_size=64,
-        eval_batch_size=256,
-        num_tasks=5,
-        prompt_layers=[0, 1],
-        prompt_length=3,
-        tii_epochs=1,
-        tii_align_epochs=1,
-        tap_epochs=1,
-        samples_per_class=16,
-        lr_schedule="constant",
-        precision="bf16",
-    )
+    config = strategy_class.Config(**HIDE_SMALL, precision="bf16")
     probe = DtypeProbe()
     strategy = strategy_class(encoder=tiny_vit, num_classes=10, config=config, plugins=[probe])
     before = strategy.model.prompts.prompts[0].detach().clone()

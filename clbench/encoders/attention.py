@@ -29,7 +29,7 @@ logits, so that path is explicit.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,3 +281,11 @@ class ResidualGate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"activation={self.activation}"
+
+
+def residual_gates(layers: Iterable[int], activation: str | None) -> nn.ModuleDict:
+    """One :class:`ResidualGate` per prompted layer (keyed by the layer's number as a
+    string, shared by heads and tasks), or none when ``activation`` is None."""
+    if activation is None:
+        return nn.ModuleDict()
+    return nn.ModuleDict({str(layer): ResidualGate(activation) for layer in layers})

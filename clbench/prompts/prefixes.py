@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clbench.encoders.attention import PrefixGate, Prompt, ResidualGate
+from clbench.encoders.attention import PrefixGate, Prompt, residual_gates
 from clbench.prompts.base import (
     InheritingSlots,
     PromptModule,
@@ -254,11 +254,7 @@ class TaskPrefixPrompts(InheritingSlots):
         reparam = reparam or PrefixReparam()
         self.generator = reparam.generator(len(self.layers), length, embed_dim)
         self.generated = GeneratedSlot(self.generator)
-        self.gates = nn.ModuleDict()
-        if gate_activation is not None:
-            self.gates = nn.ModuleDict(
-                {str(layer): ResidualGate(gate_activation) for layer in self.layers}
-            )
+        self.gates = residual_gates(self.layers, gate_activation)
 
     @property
     def num_slots(self) -> int:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clbench.config import option
-from clbench.encoders.attention import LayerPrompt, PrefixGate, Prompt, ResidualGate
+from clbench.encoders.attention import LayerPrompt, PrefixGate, Prompt, residual_gates
 from clbench.encoders.base import PromptableEncoder
 from clbench.errors import UsageError
 from clbench.prompts.base import InheritingSlots, PromptSelection, TaskIndex
@@ -145,11 +145,7 @@ class AdaptivePrompts(InheritingSlots):
             )
             for _ in range(num_tasks)
         )
-        self.gates = nn.ModuleDict()
-        if gate_activation is not None:
-            self.gates = nn.ModuleDict(
-                {str(layer): ResidualGate(gate_activation) for layer in self.layers}
-            )
+        self.gates = residual_gates(self.layers, gate_activation)
 
     @property
     def num_slots(self) -> int:
