@@ -17,7 +17,7 @@ import torch
 
 @dataclass(frozen=True)
 class Configuration:
-    side: str  # avalanche, l2p, hide-prompt or norga
+    side: str  # avalanche, l2p, hide-prompt, norga or l2p-floor
     precision: str
     caches: str = "on"  # clbench: its caches on or off
     evaluate: str = "all"  # Avalanche: the whole test stream or the seen experiences
@@ -26,6 +26,8 @@ class Configuration:
     def label(self) -> str:
         if self.side == "avalanche":
             return f"avalanche l2p {self.precision}, eval {self.evaluate}"
+        if self.side == "l2p-floor":
+            return f"floor: l2p's prompted passes only, {self.precision}"
         caches = "" if self.side == "l2p" else f", caches {self.caches}"
         return f"clbench {self.side} {self.precision}{caches}"
 
@@ -45,9 +47,11 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
 
 
-def final_average_accuracy(matrix: list[list[Any]]) -> float:
+def final_average_accuracy(matrix: list[list[Any]] | None) -> str:
+    if matrix is None:  # the floor trains nothing
+        return "-"
     last = [a for a in matrix[-1] if a is not None]
-    return sum(last) / len(last)
+    return f"{sum(last) / len(last):.1f}"
 
 
 def whole_run_table(runs: dict[Configuration, list[dict[str, Any]]]) -> str:
@@ -88,7 +92,7 @@ def whole_run_table(runs: dict[Configuration, list[dict[str, Any]]]) -> str:
                 str(first["evaluated_items"]),
                 f"{median([r['peak_mib'] for r in results]):.0f}",
                 f"{checkpoint:.2f}" if checkpoint is not None else "-",
-                f"{final_average_accuracy(first['accuracy']):.1f}",
+                final_average_accuracy(first["accuracy"]),
             ]
         )
     return format_table(header, rows)

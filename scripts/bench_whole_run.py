@@ -14,7 +14,12 @@ side as it runs:
 * Avalanche: ``strategy.train(experience)`` then ``strategy.eval(test_stream)``, the loop
   of Avalanche's examples, in its peer venv (timm 0.6.13, scripts/_peer_venv.py);
   ``--avalanche-evaluate all seen`` adds rows that evaluate the seen experiences only,
-  clbench's evaluation work.
+  clbench's evaluation work;
+* the floor (``--sides l2p-floor``): only the work no exact L2P run can skip, timed
+  alone in the same process setting: the prompted forward and its backward for every
+  training batch, the prompted forward of every seen test item after every experience
+  (no query pass, optimizer, loader, checkpoint or metrics). Its "x Avalanche" is the
+  highest whole-run ratio any exact implementation of L2P can reach on this machine.
 
 clbench's l2p runs with Avalanche's L2P settings (Adam lr 0.03, pull weight 0.1, the
 prompt tokens' mean as the head input, no batch-wise selection, training logits masked
@@ -37,6 +42,7 @@ run folder holds to resume (the last checkpoint and its query-cache parts).
     python scripts/bench_whole_run.py                                # CPU, ViT-Ti/16, fp32
     python scripts/bench_whole_run.py --precisions fp32 bf16 --avalanche-evaluate all seen
     python scripts/bench_whole_run.py --sides l2p norga --depth 4 --train-per-class 8
+    python scripts/bench_whole_run.py --sides avalanche l2p l2p-floor   # how far from the floor
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
@@ -64,6 +71,7 @@ from _avalanche_l2p_worker import (  # noqa: E402  (the scripts folder is not a 
     add_common_arguments,
     check_arguments,
     prepare_process,
+    synchronize,
 )
 from _peer_venv import DEFAULT_VENV, ensure_peer_venv, peer_environment  # noqa: E402
 from _whole_run_report import (  # noqa: E402
@@ -77,6 +85,7 @@ from _whole_run_worker import (  # noqa: E402
     DIGITS_CLASSES,
     add_whole_run_arguments,
     class_order_argument,
+    digits_datasets,
     digits_stream,
     probe_batch,
 )
@@ -85,7 +94,7 @@ from clbench.config import Options, option  # noqa: E402
 from clbench.scenario import Scenario, seeded_class_order, split_into_tasks  # noqa: E402
 
 WORKER = SCRIPTS / "_whole_run_worker.py"
-SIDES = ("avalanche", "l2p", "hide-prompt", "norga")
+SIDES = ("avalanche", "l2p", "hide-prompt", "norga", "l2p-floor")
 BENCH_SCENARIO = "bench-digits"
 BACKBONE = "vit-tiny-random"  # timm's ViT at any size, from a local weights file
 
@@ -253,6 +262,86 @@ def run_clbench_whole(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def run_floor(args: argparse.Namespace) -> dict[str, Any]:
+    """The work no exact L2P run can skip, timed alone: the prompted forward and its
+    backward to the prompt tokens for every training batch, and the prompted forward of
+    every seen test item after every experience, on the same weights, data, batches and
+    prompt length (N x L_p tokens after [CLS], the last block cut to the rows the head
+    reads). Nothing else: no query pass (as if every query were cached), no optimizer,
+    loader, checkpoint or metrics. A real run's time is at least this, so Avalanche's run
+    time over it bounds the whole-run ratio any exact L2P can reach here."""
+    from clbench.api import create_encoder
+    from clbench.encoders import Prompt
+    from clbench.training import resolve_precision
+
+    device = prepare_process(args)
+    encoder = create_encoder(BACKBONE, **backbone_overrides(args)).to(device)
+    with torch.no_grad():
+        probe = encoder.query(probe_batch(args.test_per_class).to(device))
+    dtype = resolve_precision(args.precision, device)
+    train, test = digits_datasets(args.train_per_class, args.test_per_class)
+    order = args.class_order or seeded_class_order(DIGITS_CLASSES, args.seed)
+    tasks = split_into_tasks(order, args.tasks)
+
+    def task_images(dataset: Any, classes: list[int]) -> Tensor:
+        rows = [i for i, y in enumerate(dataset.targets) if y in classes]
+        return torch.stack([dataset[i][0] for i in rows]).to(device)
+
+    train_sets = [task_images(train, t) for t in tasks]
+    test_sets = [task_images(test, t) for t in tasks]
+    tokens = args.top_k * args.prompt_length
+    torch.manual_seed(args.seed)
+    rows = max(args.batch_size, args.eval_batch_size)  # L2P's prompts are gathered per sample
+    prompt = 0.02 * torch.randn(rows, tokens, encoder.embed_dim, device=device)
+    prompt.requires_grad_(True)
+    head = torch.nn.Linear(encoder.embed_dim, DIGITS_CLASSES).to(device)
+    memory = PeakMemory(device)
+    memory.reset()
+    baseline = memory.current_mib()
+    train_s: list[float] = []
+    eval_s: list[float] = []
+
+    def prompted(x: Tensor) -> Tensor:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            output = encoder(x, Prompt(tokens=prompt[: len(x)]), readout="prompt")
+            return head(output.prompt_token_states().mean(dim=1)).float()
+
+    began = time.perf_counter()
+    for task, images in enumerate(train_sets):
+        started = time.perf_counter()
+        for _ in range(args.epochs):
+            for batch in images.split(args.batch_size):
+                prompted(batch).logsumexp(dim=1).mean().backward()
+        synchronize(device)
+        train_s.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        with torch.no_grad():
+            for seen in test_sets[: task + 1]:
+                for batch in seen.split(args.eval_batch_size):
+                    prompted(batch)
+        synchronize(device)
+        eval_s.append(time.perf_counter() - started)
+    run_s = time.perf_counter() - began
+    seen_items = sum(len(t) * (args.tasks - i) for i, t in enumerate(test_sets))
+    return {
+        "name": "floor",
+        "precision": args.precision,
+        "run_s": run_s,
+        "train_s": train_s,
+        "eval_s": eval_s,
+        "accuracy": None,
+        "train_items": args.train_per_class * DIGITS_CLASSES * args.epochs,
+        "evaluated_items": seen_items,
+        "checkpoint_mib": None,
+        "peak_mib": memory.peak_mib(),
+        "baseline_mib": baseline,
+        "memory_kind": memory.kind,
+        "probe": probe.float().cpu().tolist(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
 # -- the configurations and their processes -----------------------------------------------------
 
 
@@ -264,7 +353,7 @@ def configurations(args: argparse.Namespace) -> list[Configuration]:
                 found += [
                     Configuration(side, precision, evaluate=e) for e in args.avalanche_evaluate
                 ]
-            elif side == "l2p":
+            elif side in ("l2p", "l2p-floor"):
                 found.append(Configuration(side, precision))
             else:
                 found += [Configuration(side, precision, caches=c) for c in args.cache_variants]
@@ -402,7 +491,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = parse_arguments(argv)
     if args.run_one:
-        print("RESULT " + json.dumps(run_clbench_whole(args)), flush=True)
+        run = run_floor if args.run_one == "l2p-floor" else run_clbench_whole
+        print("RESULT " + json.dumps(run(args)), flush=True)
         return
     planned = configurations(args)
     width, depth, _ = VIT_SIZES[args.model]

@@ -174,7 +174,7 @@ class CodaPrompt(CLStrategy):
     def _forward(self, x: Tensor, train: bool) -> TrainOutput:
         query = self.query(x)  # frozen, un-prompted, cached
         selection = self.model.components(query, task=max(self.current_task, 0), train=train)
-        output = self.encoder(x, selection.prompt)
+        output = self.encoder(x, selection.prompt, readout="pooled")
         return TrainOutput(self.model.head(output.pooled), selection.aux_loss)
 
     def train_logits(self, x: Tensor) -> TrainOutput:

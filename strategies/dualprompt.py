@@ -203,7 +203,7 @@ class DualPrompt(CLStrategy):
         task = max(self.current_task, 0)
         expert = self.model.e_prompts(query, task=task, train=train)
         general = self.model.g_prompt(query)
-        output = self.encoder(x, merge_prompts(general.prompt, expert.prompt))
+        output = self.encoder(x, merge_prompts(general.prompt, expert.prompt), readout="pooled")
         logits = self.model.head(output.pooled)
         return TrainOutput(logits, self.config.pull_weight * expert.aux_loss), expert.selected[:, 0]
 

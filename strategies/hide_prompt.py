@@ -364,7 +364,7 @@ class HiDePrompt(CLStrategy):
 
     def train_logits(self, x: Tensor) -> TrainOutput:
         selection = self.model.prompts(task=self.current_task, train=True)
-        features = self.encoder(x, self.assemble(selection.prompt, len(x))).pooled
+        features = self.encoder(x, self.assemble(selection.prompt, len(x)), readout="pooled").pooled
         contrastive = None
         if self.config.contrastive_weight > 0:
             old_classes = [c for classes in self.task_classes[: self.current_task] for c in classes]
@@ -391,7 +391,9 @@ class HiDePrompt(CLStrategy):
         prompt = self.model.prompts(task=task).prompt
         query, _, labels = self.consolidation.fit_task(
             self,
-            lambda x, _query: self.encoder(x, self.assemble(prompt, len(x))).pooled,
+            lambda x, _query: (
+                self.encoder(x, self.assemble(prompt, len(x)), readout="pooled").pooled
+            ),
             per_class_batches=self.mixes_batch,
         )
         self.train_task_identity(query, labels)
@@ -507,7 +509,9 @@ class HiDePrompt(CLStrategy):
 
         def compute(rows: Rows) -> Tensor:
             prompt = prompts(task=tasks[rows]).prompt
-            return self.encoder(x[rows], self.assemble(prompt, len(tasks[rows]))).pooled
+            return self.encoder(
+                x[rows], self.assemble(prompt, len(tasks[rows])), readout="pooled"
+            ).pooled
 
         if not self.config.prompted_cache or self.mixes_batch:
             return compute(slice(None))

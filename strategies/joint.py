@@ -153,7 +153,7 @@ class Joint(JointLinear):
         # an empty query: neither shared prompt reads one (no key, no selection)
         nothing = self.model.head.weight.new_zeros(len(x), 0)
         selection = self.model.prompt(nothing, task=max(self.current_task, 0), train=train)
-        return self.model.head(self.encoder(x, selection.prompt).pooled)
+        return self.model.head(self.encoder(x, selection.prompt, readout="pooled").pooled)
 
     def train_logits(self, x: Tensor) -> Tensor:
         if not self.tunes_prompt:

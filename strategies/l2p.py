@@ -20,6 +20,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from clbench.config import option
+from clbench.encoders import Readout
 from clbench.prompts.pools import PromptInit, PromptPool, check_vote_group, jax_uniform_
 from clbench.registry import STRATEGIES
 from clbench.strategies.quick import QUICK_DATA
@@ -170,7 +171,8 @@ class L2P(CLStrategy):
     def _forward(self, x: Tensor, train: bool) -> TrainOutput:
         query = self.query(x)  # the same frozen encoder, no prompt, no grad
         selection = self.model.prompt_pool(query, task=max(self.current_task, 0), train=train)
-        output = self.encoder(x, selection.prompt)
+        readout: Readout = "prompt" if self.config.head_input == "prompt_mean" else "pooled"
+        output = self.encoder(x, selection.prompt, readout=readout)
         if self.config.head_input == "prompt_mean":
             features = output.prompt_token_states().mean(dim=1)
         else:

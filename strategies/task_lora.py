@@ -118,7 +118,7 @@ class LowRankStrategy(CLStrategy):
         return len(self.task_classes)
 
     def adapted_features(self, x: Tensor, deltas: dict[int, LayerDelta]) -> Tensor:
-        return self.encoder(x, Prompt(deltas=deltas)).pooled
+        return self.encoder(x, Prompt(deltas=deltas), readout="pooled").pooled
 
     def train_logits(self, x: Tensor) -> TrainOutput:
         features = self.adapted_features(x, self.active_deltas(self.current_task, train=True))

@@ -319,7 +319,7 @@ class WaveCRE(CLStrategy):
             for batch in loader:
                 x, y = batch[0].to(self.device), batch[1].to(self.device)
                 with self.autocast():
-                    logits = head(self.encoder(x).pooled)
+                    logits = head(self.encoder(x, readout="pooled").pooled)
                 loss = F.cross_entropy(logits.float(), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -335,7 +335,7 @@ class WaveCRE(CLStrategy):
     def train_logits(self, x: Tensor) -> TrainOutput:
         query = self.query(x)
         selection = self.select_prompts(query, self.current_task, train=True)
-        logits = self.model.classifier(self.encoder(x, selection.prompt).pooled)
+        logits = self.model.classifier(self.encoder(x, selection.prompt, readout="pooled").pooled)
         return TrainOutput(logits, self.config.pull_weight * selection.aux_loss)
 
     # -- end of task: Gaussians (eqs. 16-17), task predictor (18), classifier (19) ------
@@ -343,7 +343,7 @@ class WaveCRE(CLStrategy):
         self.model.pools.end_task(task)  # P_t is final
 
         def prompted(x: Tensor, query: Tensor) -> Tensor:
-            return self.encoder(x, self.select_prompts(query, task).prompt).pooled
+            return self.encoder(x, self.select_prompts(query, task).prompt, readout="pooled").pooled
 
         # after the task nothing per-example of its data is kept, cached queries included:
         # the Gaussians replace them
@@ -434,7 +434,7 @@ class WaveCRE(CLStrategy):
 
         def compute(rows: Rows) -> Tensor:
             selection = self.select_prompts(query[rows], tasks[rows])
-            return self.encoder(x[rows], selection.prompt).pooled
+            return self.encoder(x[rows], selection.prompt, readout="pooled").pooled
 
         if not self.config.prompted_cache:
             return compute(slice(None))

@@ -229,6 +229,21 @@ def test_configurations_are_interleaved_and_compared_with_avalanche_at_their_pre
     assert lines["clbench l2p fp32"].rstrip().endswith("50.0")  # FAA of the last row
 
 
+def test_the_floor_is_a_configuration_and_its_ratio_bounds_every_exact_run():
+    args = parse_arguments(["--sides", "avalanche", "l2p", "l2p-floor"])
+    labels = [c.label for c in configurations(args)]
+    assert labels[-1] == "floor: l2p's prompted passes only, fp32"
+    runs = {
+        Configuration("avalanche", "fp32"): [{"run_s": 30.0, "accuracy": [[50.0]]}],
+        Configuration("l2p-floor", "fp32"): [{"run_s": 20.0, "accuracy": None}],
+    }
+    for results in runs.values():
+        results[0] |= {"process_s": 40.0, "train_items": 100, "evaluated_items": 30}
+        results[0] |= {"peak_mib": 500.0}
+    line = whole_run_table(runs).splitlines()[-1]
+    assert " 1.50x " in line and line.rstrip().endswith("-")  # no accuracy: it trains nothing
+
+
 # -- the GPU check ------------------------------------------------------------------------------
 
 

@@ -144,18 +144,22 @@ class RowwiseCountingEncoder:
     def __getattr__(self, name):  # feature_dim, modality, query, ...: the encoder's
         return getattr(self.encoder, name)
 
-    def __call__(self, x, prompt=None):
+    def __call__(self, x, prompt=None, readout="tokens"):
         if prompt is not None:
             self.prompted_rows += len(x)
         if not self.rowwise or len(x) == 1:
-            return self.forward(x, prompt)
-        outputs = [self.forward(x[i : i + 1], row_of(prompt, i, len(x))) for i in range(len(x))]
+            return self.forward(x, prompt, readout=readout)
+        outputs = [
+            self.forward(x[i : i + 1], row_of(prompt, i, len(x)), readout=readout)
+            for i in range(len(x))
+        ]
         first = outputs[0]
         return EncoderOutput(
             torch.cat([o.pooled for o in outputs]),
             torch.cat([o.tokens for o in outputs]),
             first.num_prompt_tokens,
             first.prompt_offset,
+            first.readout,
         )
 
 

@@ -25,7 +25,7 @@ A strategy in a few lines::
                                            target=target, alpha=1.0),
     )
     # forward: adapters + any prefixes in one Prompt
-    out = encoder(x, merge_prompts(prefix_prompt, model.lora.prompt()))
+    out = encoder(x, merge_prompts(prefix_prompt, model.lora.prompt()), readout="pooled")
     loss = cross_entropy(head(out.pooled), y) + model.lora.aux_loss()
 
 The pieces a continual-learning strategy builds on:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clbench.encoders.attention import LayerPrompt, join, prompted_attention
-from clbench.encoders.base import PromptableEncoder
+from clbench.encoders.base import OutputRows, PromptableEncoder, Readout
 from clbench.encoders.deltas import MLP_TARGETS, LayerDelta, check_target, project
 from clbench.errors import UsageError
 
@@ -184,25 +184,54 @@ class BertEncoder(PromptableEncoder):
             context.tail_positions + num_prompt_tokens,
         )
 
+    def output_rows(
+        self, context: TextContext, num_prompt_tokens: int, readout: Readout
+    ) -> OutputRows | None:
+        # the leading tokens, the prompt tokens if asked, then (entity pooling) the two
+        # markers of each sample, whose positions differ per sample
+        kept_prompt = num_prompt_tokens if readout == "prompt" else 0
+        first = self.num_leading_tokens + kept_prompt
+        if self.pooling == "cls":
+            return OutputRows(leading=first, context=context, num_prompt_tokens=kept_prompt)
+        head, tail = context.head_positions, context.tail_positions
+        leading = torch.arange(first, device=head.device).expand(head.shape[0], first)
+        index = torch.cat([leading, head[:, None], tail[:, None]], dim=1)
+        kept = TextContext(
+            context.key_padding_mask.gather(1, index),
+            torch.full_like(head, first),
+            torch.full_like(tail, first + 1),
+        )
+        return OutputRows(index=index, context=kept, num_prompt_tokens=kept_prompt)
+
     def run_block(
-        self, index: int, hidden: Tensor, context: TextContext, layer: LayerPrompt
+        self,
+        index: int,
+        hidden: Tensor,
+        context: TextContext,
+        layer: LayerPrompt,
+        rows: OutputRows | None = None,
     ) -> Tensor:
         block = self.model.encoder.layer[index]
         attention, delta = block.attention.self, layer.delta
+
+        def heads(projection: nn.Linear, target: str, states: Tensor) -> Tensor:
+            out = project(projection, states, delta, target)
+            return out.view(out.shape[0], states.shape[1], self.num_heads, -1).transpose(1, 2)
+
+        # keys and values from every token; queries and all after them for the kept rows
+        keys = heads(attention.key, "k", hidden)
+        values = heads(attention.value, "v", hidden)
+        if rows is not None:
+            hidden = rows.take(hidden, 1)
         batch, length, _ = hidden.shape
-
-        def heads(projection: nn.Linear, target: str) -> Tensor:
-            out = project(projection, hidden, delta, target)
-            return out.view(out.shape[0], length, self.num_heads, -1).transpose(1, 2)
-
         prefix = layer.prefix
         if layer.kv_tokens is not None:
             tokens = layer.kv_tokens.to(hidden.dtype)
             prefix = join(prefix, self._key_value_prefix(attention, tokens, delta), dim=2)
         out = prompted_attention(
-            heads(attention.query, "q"),
-            heads(attention.key, "k"),
-            heads(attention.value, "v"),
+            heads(attention.query, "q", hidden),
+            keys,
+            values,
             prefix=prefix,
             gate=layer.gate,
             key_padding_mask=context.key_padding_mask,

@@ -12,7 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from clbench.encoders.attention import LayerPrompt, join, prompted_attention
-from clbench.encoders.base import PromptableEncoder
+from clbench.encoders.base import OutputRows, PromptableEncoder, Readout
 from clbench.encoders.checkpoints import load_vit_weights
 from clbench.encoders.deltas import MLP_TARGETS, QKV, LayerDelta, check_target, project
 from clbench.errors import UsageError
@@ -49,12 +49,35 @@ class ViTEncoder(PromptableEncoder):
         hidden = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
         return hidden, None
 
-    def run_block(self, index: int, hidden: Tensor, context: Any, layer: LayerPrompt) -> Tensor:
+    def output_rows(
+        self, context: Any, num_prompt_tokens: int, readout: Readout
+    ) -> OutputRows | None:
+        model = self.model
+        if model.global_pool != "token" or getattr(model, "attn_pool", None) is not None:
+            return None  # an average or attention pool reads every token
+        # timm's token pool reads [CLS]: the leading tokens, then the prompt tokens if asked
+        kept_prompt = num_prompt_tokens if readout == "prompt" else 0
+        return OutputRows(
+            leading=self.num_leading_tokens + kept_prompt,
+            context=context,
+            num_prompt_tokens=kept_prompt,
+        )
+
+    def run_block(
+        self,
+        index: int,
+        hidden: Tensor,
+        context: Any,
+        layer: LayerPrompt,
+        rows: OutputRows | None = None,
+    ) -> Tensor:
         block: Any = self.model.blocks[index]  # a timm Block (nn.Module attributes are untyped)
         attn, delta = block.attn, layer.delta
         normed = block.norm1(hidden)
-        batch, length, _ = normed.shape
         q, k, v = self._query_key_value(block, normed, delta)
+        if rows is not None:  # keys and values from every token, the rest for the kept rows
+            q, hidden, normed = rows.take(q, 2), rows.take(hidden, 1), rows.take(normed, 1)
+        batch, length, _ = normed.shape
         prefix = layer.prefix
         if layer.kv_tokens is not None:
             tokens = layer.kv_tokens.to(hidden.dtype)
