@@ -27,7 +27,7 @@ class Configuration:
         if self.side == "avalanche":
             return f"avalanche l2p {self.precision}, eval {self.evaluate}"
         if self.side == "l2p-floor":
-            return f"floor: l2p's prompted passes only, {self.precision}"
+            return f"floor: l2p's unavoidable passes, {self.precision}"
         caches = "" if self.side == "l2p" else f", caches {self.caches}"
         return f"clbench {self.side} {self.precision}{caches}"
 

@@ -232,7 +232,7 @@ def test_configurations_are_interleaved_and_compared_with_avalanche_at_their_pre
 def test_the_floor_is_a_configuration_and_its_ratio_bounds_every_exact_run():
     args = parse_arguments(["--sides", "avalanche", "l2p", "l2p-floor"])
     labels = [c.label for c in configurations(args)]
-    assert labels[-1] == "floor: l2p's prompted passes only, fp32"
+    assert labels[-1] == "floor: l2p's unavoidable passes, fp32"
     runs = {
         Configuration("avalanche", "fp32"): [{"run_s": 30.0, "accuracy": [[50.0]]}],
         Configuration("l2p-floor", "fp32"): [{"run_s": 20.0, "accuracy": None}],
