@@ -29,6 +29,8 @@ from clbench.cli.preflight import check_run
 from clbench.errors import UsageError
 from clbench.registry import SCENARIOS, STRATEGIES, Registry, options_class
 from clbench.runner import RunRequest, resolve_run
+from clbench.sweep.grid import SweepError, parse_sweep
+from clbench.sweep.plan import check_before_importing, expand
 
 HEAVY = ("torch", "avalanche", "timm", "transformers", "torchvision")
 STALE = f"clbench/catalog.json is out of date with the code: run {catalog.REGENERATE}"
@@ -131,6 +133,8 @@ def _light_commands(run_folder: Path, results: Path) -> list[tuple[list[str], in
         ([*bad_run, "--set", "scenario.n_train=x"], 2, "--set n_train=x: expected int"),
         ([*bad_run, "--set", "backbone.nope=1"], 2, "unknown backbone minilm-l6 option 'nope'"),
         ([*bad_run, "--device", "tpu"], 2, "unknown device 'tpu'"),
+        (["sweep", "-s", "l2pp", "-c", "fewrel-offline"], 2, "unknown strategy 'l2pp'"),
+        (["sweep", "-s", "l2p", "-c", "fewrel-offline", "--set", "lr=abc"], 2, "expected float"),
         (["download", "nope"], 2, "unknown scenario 'nope'"),
         (["download", "digits-offline"], 0, "nothing to download"),
     ]
@@ -375,6 +379,41 @@ def test_the_cli_refuses_early_with_the_run_loops_messages(
         error = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and error[-1].startswith("clbench: error: ") and message in error[-1]
         assert not (tmp_path / "out").exists()
+
+
+SWEEP_MISTAKES: list[dict[str, Any]] = [
+    {  # tests/test_sweep.py's bad file: every kind of problem at once, in two grid blocks
+        "scenario": ["digits-offline", "no-such-scenario"],
+        "strategy": ["seq-ft", "no-such-strategy"],
+        "seeds": [0],
+        "preset": ["quick", "no-such-preset"],
+        "set": {"lr": "fast", "no_such_option": 1},
+        "resources": {"cpus": 2, "tpus": 1},
+        "grids": [{"backbone": "no-such-backbone"}, {"colour": "red"}],
+    },
+    {"strategy": ["l2p", "dualprompt"], "scenario": "fewrel-offline", "set": {"nope": 1}},
+    {"strategy": "l2p", "scenario": "digits-offline", "preset": ["nope", "quick"]},
+    {"strategy": "l2p", "scenario": "digits-offline", "vary": {"lr": [0.1, "x"]}},
+    {"strategy": "l2p", "scenario": "digits-offline", "set": {"scenario.n_train": 3}},
+    {"strategy": "l2p", "scenario": "fewrel-offline", "set": {"scenario.n_train": "x"}},
+    {"strategy": "l2p", "scenario": "digits-offline", "backbone": ["vit-tiny-random", "nope"]},
+    {"strategy": "hide-prompt", "scenario": "fewrel-offline", "preset": "authors"},
+]
+
+
+def test_a_sweep_is_refused_before_the_imports_as_expand_refuses_it(
+    from_the_file, monkeypatch, tmp_path
+):
+    monkeypatch.setattr(catalog, "from_file", lambda: from_the_file)
+    for data in SWEEP_MISTAKES:
+        with pytest.raises(SweepError) as early:
+            check_before_importing(parse_sweep(data, "test.yaml"))
+        with pytest.raises(SweepError) as live:
+            expand(parse_sweep(data, "test.yaml"), tmp_path, "cpu")
+        assert str(early.value) == str(live.value), data
+    good = {"strategy": ["l2p", "seq-ft"], "scenario": "digits-offline", "preset": "quick"}
+    check_before_importing(parse_sweep(good, "test.yaml"), ["lr=0.1", "scenario.train_per_class=8"])
+    assert not list(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------------------- types

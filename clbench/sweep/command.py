@@ -14,7 +14,13 @@ from clbench.errors import UsageError
 from clbench.sweep.grid import Resources, Sweep, SweepError, load_sweep, sweep_from_flags
 from clbench.sweep.jobs import Job, JobResult
 from clbench.sweep.local import run_local, threads_per_job
-from clbench.sweep.plan import RunSpec, expand, load_registered_names, run_identity
+from clbench.sweep.plan import (
+    RunSpec,
+    check_before_importing,
+    expand,
+    load_registered_names,
+    run_identity,
+)
 from clbench.sweep.progress import Progress
 from clbench.sweep.state import LOG_FILE, RunState, inspect_run, status_lines
 
@@ -125,6 +131,7 @@ def plan(command: SweepCommand) -> tuple[Sweep, Path, list[RunSpec]]:
     """The sweep, its results root and every run, validated; nothing is written."""
     _check_arguments(command)
     sweep = load_command_sweep(command)
+    check_before_importing(sweep, command.overrides)  # typos refused before the imports
     load_registered_names()  # the slow part (imports), announced before decide_device's
     out = command.out or sweep.out or default_out()
     # --status only reads folders: it must work on a head node without the runs' device

@@ -107,15 +107,20 @@ def _resolve_point(point: dict[str, Any], overrides: Overrides) -> dict[str, Any
     )
 
 
-def _option_problems(point: dict[str, Any], overrides: Overrides, first: UsageError) -> list[str]:
-    """The runner stops at the first bad option: try each override alone to name them all."""
+def _each_problem(
+    point: dict[str, Any],
+    overrides: Overrides,
+    first: UsageError,
+    check: Callable[[dict[str, Any], Overrides], Any],
+) -> list[str]:
+    """A check stops at the first bad option: try each override alone to name them all."""
     errors = [str(first)]
     for group, values in overrides.items():
         for key, value in values.items():
             alone: Overrides = {name: {} for name in overrides}
             alone[group] = {key: value}
             try:
-                _resolve_point({**point, "preset": "default"}, alone)
+                check({**point, "preset": "default"}, alone)
             except UsageError as error:
                 errors.append(str(error))
     return list(dict.fromkeys(errors))
@@ -169,7 +174,7 @@ def _grid_specs(
         try:
             config = _resolve_point(point, overrides)
         except UsageError as error:
-            for message in _option_problems(point, overrides, error):
+            for message in _each_problem(point, overrides, error, _resolve_point):
                 problems.append(f"{where}: {scenario} / {strategy}: {message}")
             continue
         config["device"] = device
@@ -177,6 +182,64 @@ def _grid_specs(
         folder = run_folder(out, config, identity)
         specs.append(RunSpec(config=config, identity=identity, folder=folder, overrides=pairs))
     return specs
+
+
+def check_before_importing(sweep: Sweep, extra_overrides: list[str] | None = None) -> None:
+    """Raise what :func:`expand` would raise for the problems the catalog can see (names,
+    presets, ``--set`` keys and values: :func:`clbench.cli.preflight.check_run`), before
+    torch is imported, so a sweep's typo is answered in a second, not after the imports.
+
+    Silent where the catalog cannot stand in for the registries, and for points with a
+    user's ``module:Class`` strategy; what it passes, :func:`expand` checks again in
+    full, so it can only refuse what ``expand`` refuses (whose list may hold more: the
+    scenarios' own checks need their code)."""
+    from clbench.catalog import from_file
+    from clbench.cli.preflight import check_run
+    from clbench.config import parse_set_arguments
+
+    catalog = from_file()
+    if catalog is None:
+        return
+    try:
+        command_line = parse_set_arguments(extra_overrides or [])
+    except UsageError:
+        return  # expand reports it, in its own words
+
+    def check(point: dict[str, Any], overrides: Overrides) -> None:
+        check_run(catalog, **point, overrides=overrides, loggers=[], device="cpu")
+
+    problems: list[str] = []
+    for index, grid in enumerate(sweep.grids):
+        where = f"grids[{index}]" if len(sweep.grids) > 1 else "grid"
+        bad: set[str] = set()
+        for kind, names in (
+            ("strategy", grid.strategy),
+            ("scenario", grid.scenario),
+            ("backbone", grid.backbone),
+        ):
+            for name in names:
+                if name is None or ":" in name:
+                    continue
+                try:
+                    catalog.entry(kind, name)
+                except UsageError as error:
+                    bad.add(name)
+                    problems.append(f"{where}: {error}")
+        varied = [dict(zip(grid.vary, values)) for values in itertools.product(*grid.vary.values())]
+        for scenario, strategy, backbone, preset, varying in itertools.product(
+            grid.scenario, grid.strategy, grid.backbone, grid.preset, varied
+        ):
+            if bad & {scenario, strategy, backbone} or ":" in strategy:
+                continue
+            overrides = _point_overrides({**grid.overrides, **varying}, command_line)
+            point = {"strategy": strategy, "scenario": scenario, "backbone": backbone}
+            try:
+                check({**point, "preset": preset}, overrides)
+            except UsageError as error:
+                for message in _each_problem(point, overrides, error, check):
+                    problems.append(f"{where}: {scenario} / {strategy}: {message}")
+    if problems:
+        raise SweepError(sweep.source, list(dict.fromkeys([*sweep.problems, *problems])))
 
 
 def load_registered_names() -> None:
