@@ -198,6 +198,18 @@ def option_text(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def process_facts(memory: PeakMemory, baseline: float, probe: Tensor) -> dict[str, Any]:
+    """What every side's result reports of its process: memory, the weight probe, torch."""
+    return {
+        "peak_mib": memory.peak_mib(),
+        "baseline_mib": baseline,
+        "memory_kind": memory.kind,
+        "probe": probe.float().cpu().tolist(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
 def run_clbench_whole(args: argparse.Namespace) -> dict[str, Any]:
     from clbench.api import create_encoder
     from clbench.registry import STRATEGIES
@@ -253,12 +265,7 @@ def run_clbench_whole(args: argparse.Namespace) -> dict[str, Any]:
         "train_items": train_items,
         "evaluated_items": sum(n for r in records for n in r.counts if n is not None),
         "checkpoint_mib": checkpoint_mib,
-        "peak_mib": memory.peak_mib(),
-        "baseline_mib": baseline,
-        "memory_kind": memory.kind,
-        "probe": probe.float().cpu().tolist(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **process_facts(memory, baseline, probe),
     }
 
 
@@ -343,12 +350,7 @@ def run_floor(args: argparse.Namespace) -> dict[str, Any]:
         "train_items": args.train_per_class * DIGITS_CLASSES * args.epochs,
         "evaluated_items": seen_items,
         "checkpoint_mib": None,
-        "peak_mib": memory.peak_mib(),
-        "baseline_mib": baseline,
-        "memory_kind": memory.kind,
-        "probe": probe.float().cpu().tolist(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        **process_facts(memory, baseline, probe),
     }
 
 
