@@ -17,6 +17,7 @@ torch, Avalanche and the registered modules are imported on the first call, so t
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from clbench.errors import UsageError
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from clbench.strategy import CLStrategy
 
 __all__ = ["create_encoder", "create_scenario", "create_strategy"]
+
+log = logging.getLogger(__name__)
 
 
 def create_encoder(name: str, /, **options: Any) -> PromptableEncoder:
@@ -91,6 +94,7 @@ def create_strategy(
     """
     from clbench.config import apply_overrides
     from clbench.registry import load_strategy_class
+    from clbench.resolution import BACKBONE_PRESET_KEY
     from clbench.runner import resolve_device, resolve_preset, split_preset
 
     strategy_class = load_strategy_class(name)
@@ -106,8 +110,13 @@ def create_strategy(
     _, preset_values = resolve_preset(
         strategy_class, preset, scenario.name if scenario is not None else ""
     )
-    # the scenario is built already: a preset's scenario.<option> values do not apply
+    # the scenario and the encoder are built already: a preset's scenario.<option> values
+    # and its backbone do not apply (the latter is said, as the encoder may differ)
     strategy_values, _ = split_preset(preset_values, set())
+    named = preset_values.get(BACKBONE_PRESET_KEY)
+    if named is not None:
+        log.info(f"preset {preset!r} of {name} runs on backbone {named}; this strategy uses "
+                 "the encoder passed in")  # fmt: skip
     config = apply_overrides(
         strategy_class.Config(), strategy_values, what=f"{strategy_class.name} preset"
     )

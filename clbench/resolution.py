@@ -13,6 +13,9 @@ from clbench.errors import UsageError
 
 # a preset key "scenario.<option>" sets a scenario option (the quick presets shrink the data)
 SCENARIO_PRESET_PREFIX = "scenario."
+# a preset key "backbone" names the backbone the run takes unless --backbone names one (the
+# authors presets: the weights the authors' code loads)
+BACKBONE_PRESET_KEY = "backbone"
 AUTHORS_PRESET = "authors"
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -97,8 +100,20 @@ def split_preset(
     strategy_values: dict[str, Any] = {}
     scenario_values: dict[str, Any] = {}
     for key, value in values.items():
+        if key == BACKBONE_PRESET_KEY:
+            continue  # see preset_backbone
         if not key.startswith(SCENARIO_PRESET_PREFIX):
             strategy_values[key] = value
         elif (option := key.removeprefix(SCENARIO_PRESET_PREFIX)) in scenario_fields:
             scenario_values[option] = value
     return strategy_values, scenario_values
+
+
+def choose_backbone(
+    requested: str | None, preset_values: dict[str, Any], scenario_default: str
+) -> str:
+    """``--backbone`` if given, else the preset's ``backbone``, else the scenario's default."""
+    named = preset_values.get(BACKBONE_PRESET_KEY)
+    if named is not None and not isinstance(named, str):
+        raise UsageError(f"a preset's backbone is a backbone name, got {named!r}")
+    return requested or named or scenario_default

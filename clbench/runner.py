@@ -42,6 +42,7 @@ from clbench.resolution import (
     SCENARIO_PRESET_PREFIX,
     authors_preset_name,
     check_device_name,
+    choose_backbone,
     resolve_preset,
     split_preset,
 )
@@ -106,11 +107,11 @@ def resolve_run(request: RunRequest) -> dict[str, Any]:
     strategy_class = load_strategy_class(request.strategy)
     scenario_factory = SCENARIOS.get(request.scenario)
     spec: ScenarioSpec = SCENARIOS.spec(request.scenario)
-    backbone = request.backbone or spec.default_backbone
-    backbone_factory = BACKBONES.get(backbone)
     preset, preset_values = resolve_preset(
         strategy_class, request.preset, request.scenario, spec.protocol
     )
+    backbone = choose_backbone(request.backbone, preset_values, spec.default_backbone)
+    backbone_factory = BACKBONES.get(backbone)
     scenario_defaults = options_class(scenario_factory)()
     preset_strategy, preset_scenario = split_preset(
         preset_values, {f.name for f in fields(scenario_defaults)}

@@ -99,6 +99,7 @@ AUTHORS_TRAINING: dict[str, Any] = {
     "cosine_form": "quarter",
     "drop_last": True,
     "scenario.normalize": "none",
+    "backbone": "vit-b16-augreg-in21k-ft-in1k",  # timm 0.4.12's vit_base_patch16_224
 }
 
 

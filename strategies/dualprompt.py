@@ -119,6 +119,7 @@ AUTHORS_TRAINING: dict[str, Any] = {
     "prompt_init": "jax",
     "scenario.normalize": "none",
     "scenario.class_order": "natural",  # continual.rand_seed = -1
+    "backbone": "vit-b16-orig-in21k",
 }
 
 

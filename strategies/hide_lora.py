@@ -20,7 +20,7 @@ head on the adapted features (TAP), per-input routing at test time. The per-task
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, cast
 
 import torch
@@ -30,7 +30,10 @@ from clbench.adapters import LayerAdapters, LoRA, stack_tasks
 from clbench.config import option
 from clbench.encoders import Prompt
 from clbench.encoders.base import PromptableEncoder
+from clbench.errors import UsageError
 from clbench.prompts.base import InheritingSlots, PromptSelection, TaskIndex
+from clbench.prompts.reparam import PrefixParamOptions
+from clbench.prompts.vapt import VAPTOptions
 from clbench.registry import STRATEGIES
 from clbench.strategies.hide_prompt import HIDE_PRESETS, HiDePrompt, HiDePromptConfig
 from clbench.strategy import StrategyModel
@@ -92,6 +95,17 @@ class TaskLoRAs(InheritingSlots):
         return PromptSelection(Prompt(deltas=deltas), zero)
 
 
+# HiDe-Prompt's options about prefixes, which HiDe-LoRA inherits but has none of: a value
+# other than the default is refused rather than silently ignored.
+PREFIX_ONLY_OPTIONS = (
+    "prompt_length",
+    "prefix_layout",
+    "momentum_while_training",
+    *(f.name for f in fields(VAPTOptions)),
+    *(f.name for f in fields(PrefixParamOptions)),
+)
+
+
 @dataclass
 class HiDeLoRAConfig(HiDePromptConfig):
     prompt_layers: list[int] = option([0, 1, 2, 3, 4], "blocks with a task LoRA (lora_depth 5)")
@@ -127,8 +141,16 @@ class HiDeLoRA(HiDePrompt):
     config: HiDeLoRAConfig
 
     def setup(self, model: StrategyModel) -> None:
-        super().setup(model)  # head, TII head, consolidation, prompted-feature cache
         c = self.config
+        default = HiDeLoRAConfig()
+        unused = [n for n in PREFIX_ONLY_OPTIONS if getattr(c, n) != getattr(default, n)]
+        if unused:
+            raise UsageError(
+                f"hide-lora has a LoRA per task and no prefixes: {', '.join(unused)} would "
+                "change nothing here (its own options: rank, alpha, lora_targets, "
+                "prompt_layers, prompt_momentum)"
+            )
+        super().setup(model)  # head, TII head, consolidation, prompted-feature cache
         model.prompts = TaskLoRAs(
             self.encoder,
             self.num_task_slots(),

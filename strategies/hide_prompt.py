@@ -21,8 +21,8 @@ HiDe-Prompt run, Minhchuyentoancbn/MoE_PromptCL scripts/*_Sup21k_HiDe.sh, one GP
 128; thu-ml/HiDe-Prompt's 8 x 24 DDP run cannot be replayed in one process): its prefix
 layout that mixes the samples of a batch, prompt momentum while training, TII trained on
 augmented images with its batch-scaled learning rates, clipping and weight decay, each a
-named option below (``clbench list --options`` marks the quirks). Backbone of those runs:
-``--backbone vit-b16-orig-in21k``.
+named option below (``clbench list --options`` marks the quirks). The preset also takes the
+backbone of those runs, ``vit-b16-orig-in21k``, unless ``--backbone`` names another.
 """
 
 from __future__ import annotations
@@ -218,6 +218,7 @@ AUTHORS_TRAINING: dict[str, Any] = {
     "replay_weight_decay": 0.0,
     "statistics": "covariance",  # --ca_storage_efficient_method covariance
     "scenario.class_order": "seed",  # --shuffle True
+    "backbone": "vit-b16-orig-in21k",  # vits/*: the original ViT-B_16.npz (Sup-21K)
 }
 AUTHORS_CIFAR: dict[str, Any] = {**AUTHORS_TRAINING, "scenario.normalize": "cifar100"}
 AUTHORS_IMAGENET_R: dict[str, Any] = {

@@ -284,6 +284,7 @@ AUTHORS_BASE: dict[str, Any] = {
     "statistics": "centroids",
     "num_centroids": 10,
     "ot_samples": 1200,
+    "backbone": "vit-b16-orig-in21k",  # HiDe-Prompt's vits/*: the original ViT-B_16.npz
 }
 # fmt: off
 # input normalisation as HierC 8ade7f0 datasets.py: build_cifar_transform (lines 385-407) takes

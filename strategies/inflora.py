@@ -69,7 +69,8 @@ class InfLoRAConfig(LowRankConfig):
 # vit_base_patch16_224_in21k (augreg IN-21k weights: vit-b16-in21k); natural class order.
 AUTHORS: dict[str, Any] = {"rank": 10, "lr": 5e-4, "batch_size": 128, "optimizer": "adam",
                            "weight_decay": 0.0, "lr_schedule": "cosine", "threshold_end": 1.0,
-                           "scenario.class_order": "natural"}  # fmt: skip
+                           "scenario.class_order": "natural",
+                           "backbone": "vit-b16-in21k"}  # fmt: skip
 
 
 @STRATEGIES.register(

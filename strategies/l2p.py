@@ -94,6 +94,7 @@ AUTHORS_TRAINING: dict[str, Any] = {
     "vote_group": 16,
     "prompt_init": "jax",
     "scenario.normalize": "none",  # norm_01: pixels in [0, 1] (libml/preprocess.py)
+    "backbone": "vit-b16-orig-in21k",  # unless --backbone names another
 }
 
 

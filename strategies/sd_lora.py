@@ -68,7 +68,8 @@ class SDLoRAConfig(LowRankConfig):
 # backbone timm vit_base_patch16_224.augreg2_in21k_ft_in1k (vit-b16-augreg2-in21k-ft-in1k)
 AUTHORS: dict[str, Any] = {"rank": 10, "optimizer": "sgd", "weight_decay": 0.0,
                            "batch_size": 128, "epochs": 20, "lr_schedule": "constant",
-                           "relearn_magnitudes": True}  # fmt: skip
+                           "relearn_magnitudes": True,
+                           "backbone": "vit-b16-augreg2-in21k-ft-in1k"}  # fmt: skip
 
 
 @STRATEGIES.register(

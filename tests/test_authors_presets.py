@@ -121,3 +121,51 @@ def test_every_registered_strategy_resolves_preset_authors_or_says_where_it_has_
             assert "scenarios with one:" in str(error)
         else:
             assert config["preset"].startswith("authors:")
+
+
+# the weights each method's authors' code loads (shared/research/fidelity-prompt-family.md
+# H27, L11, C9; the LoRA methods' presets say where)
+AUTHORS_BACKBONES = {
+    "l2p": "vit-b16-orig-in21k",
+    "dualprompt": "vit-b16-orig-in21k",
+    "hide-prompt": "vit-b16-orig-in21k",
+    "norga": "vit-b16-orig-in21k",
+    "hier-ot": "vit-b16-orig-in21k",
+    "coda-prompt": "vit-b16-augreg-in21k-ft-in1k",
+    "sd-lora": "vit-b16-augreg2-in21k-ft-in1k",
+    "inflora": "vit-b16-in21k",
+}
+
+
+def test_an_image_authors_preset_takes_the_authors_backbone_unless_one_is_named() -> None:
+    from clbench.registry import BACKBONES
+
+    for name, backbone in AUTHORS_BACKBONES.items():
+        request = RunRequest(strategy=name, scenario="split-cifar100", preset="authors")
+        assert resolve_run(request)["backbone"] == backbone, name
+        named = RunRequest(**{**vars(request), "backbone": "vit-tiny-random"})
+        assert resolve_run(named)["backbone"] == "vit-tiny-random", name
+    # a preset without one keeps the scenario's default, and every named one exists
+    assert resolve_run(RunRequest(strategy="l2p", scenario="split-cifar100"))["backbone"] == (
+        "vit-b16-in21k"
+    )
+    text = RunRequest(strategy="hier-ot", scenario="fewrel-offline", preset="authors")
+    assert resolve_run(text)["backbone"] == "minilm-l6"
+    for name in STRATEGIES.names():
+        for preset, values in load_strategy_class(name).presets.items():
+            if "backbone" in values:
+                BACKBONES.get(values["backbone"])  # raises for an unknown name
+                assert preset.startswith("authors"), (name, preset)
+
+
+def test_create_strategy_says_it_keeps_the_encoder_passed_in(tiny_vit, caplog) -> None:
+    import logging
+
+    import clbench
+
+    with caplog.at_level(logging.INFO, logger="clbench.api"):
+        strategy = clbench.create_strategy(
+            "l2p", encoder=tiny_vit, num_classes=10, preset="authors:split-cifar100"
+        )
+    assert strategy.encoder is tiny_vit
+    assert "runs on backbone vit-b16-orig-in21k; this strategy uses the encoder" in caplog.text

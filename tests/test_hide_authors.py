@@ -22,7 +22,7 @@ from clbench.prompts.prefixes import (
     mix_prefixes_across_batch,
 )
 from clbench.registry import STRATEGIES
-from clbench.resolution import resolve_preset
+from clbench.resolution import resolve_preset, split_preset
 from clbench.scenarios.offline_vision import DigitsOptions, digits_offline
 
 SMALL = dict(
@@ -281,7 +281,7 @@ def test_authors_presets_carry_each_methods_own_consolidation():
         assert imr["scenario.normalize"] == "none"
     assert cifar["tii_lr"] == 2.5e-4 and cifar["tii_align_lr"] == 0.0025
     assert cifar["scenario.normalize"] == "cifar100"
-    values = {k: v for k, v in cifar.items() if not k.startswith("scenario.")}
+    values, _ = split_preset(cifar, set())  # the strategy's own values
     quirks = authors_quirks(norga.Config(**values))
     assert set(quirks) == {
         "prefix_layout",

@@ -19,7 +19,7 @@ from clbench.config import authors_quirks
 from clbench.errors import UsageError
 from clbench.ot_distance import ClassDistances, exact_emd, squared_euclidean_costs
 from clbench.registry import STRATEGIES
-from clbench.resolution import resolve_preset
+from clbench.resolution import resolve_preset, split_preset
 from clbench.scenario import seeded_class_order
 from clbench.scenarios.offline_vision import DigitsOptions, digits_offline
 from clbench.strategies.hierarchical_ot import (
@@ -384,7 +384,7 @@ def test_authors_presets_resolve_per_scenario_and_mark_the_quirks():
     assert name == "authors:fewrel" and values["supcon_form"] == "authors"
     shipped = strategy_class.presets["authors-as-shipped:split-cifar100"]
     assert shipped["ot_weighting"] is False and shipped["eval_rescale"] is False
-    strategy_values = {k: v for k, v in AUTHORS_IMAGENET_R.items() if "." not in k}
+    strategy_values, _ = split_preset(AUTHORS_IMAGENET_R, set())
     config = strategy_class.Config(**strategy_values)
     assert set(authors_quirks(config)) >= {
         "supcon_form",

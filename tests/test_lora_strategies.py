@@ -250,3 +250,15 @@ def test_hide_lora_routes_each_input_to_its_task_lora(tiny_vit, digits):
         for task in (0, 1):
             alone = tiny_vit(x, loras(task=task).prompt).pooled
             torch.testing.assert_close(routed[tasks == task], alone[tasks == task])
+
+
+def test_hide_lora_refuses_the_prefix_options_it_inherits(tiny_vit, digits):
+    from clbench.errors import UsageError
+
+    for options in (
+        {"prompt_length": 8},
+        {"prefix_layout": "authors_batch_mix"},
+        {"prompt": "vapt"},
+    ):
+        with pytest.raises(UsageError, match="no prefixes: .*would change nothing"):
+            make("hide-lora", tiny_vit, digits, **options)

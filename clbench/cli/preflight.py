@@ -1,7 +1,8 @@
 """Bad input refused before torch is imported, with the run loop's own messages.
 
-:func:`clbench.runner.resolve_run` checks a request in this order: the strategy, scenario
-and backbone names, the preset, the preset's and the user's ``--set`` values (strategy,
+:func:`clbench.runner.resolve_run` checks a request in this order: the strategy and
+scenario names, the preset, the backbone's name (``--backbone``, else the preset's, else
+the scenario's default), the preset's and the user's ``--set`` values (strategy,
 then scenario, then backbone), the counts that must be at least 1, the scenario's own
 checks, ``--logger``, the device. :func:`check_run` makes the same checks with the same
 functions (:mod:`clbench.resolution`, :func:`clbench.config.apply_overrides`) on the
@@ -23,7 +24,12 @@ from typing import Any
 
 from clbench.catalog import Catalog
 from clbench.config import apply_overrides, parse_set_arguments
-from clbench.resolution import check_device_name, resolve_preset, split_preset
+from clbench.resolution import (
+    check_device_name,
+    choose_backbone,
+    resolve_preset,
+    split_preset,
+)
 
 
 def check_run(
@@ -41,10 +47,10 @@ def check_run(
     as the catalog can tell), or return."""
     strategy_entry = catalog.entry("strategy", strategy)
     scenario_entry = catalog.entry("scenario", scenario)
-    backbone = backbone or scenario_entry["default_backbone"]
-    catalog.entry("backbone", backbone)
     owner = types.SimpleNamespace(name=strategy, presets=strategy_entry["presets"])
     preset, preset_values = resolve_preset(owner, preset, scenario, scenario_entry["protocol"])
+    backbone = choose_backbone(backbone, preset_values, scenario_entry["default_backbone"])
+    catalog.entry("backbone", backbone)
     scenario_options = catalog.options_type("scenario", scenario)()
     preset_strategy, preset_scenario = split_preset(
         preset_values, {f.name for f in fields(scenario_options)}
