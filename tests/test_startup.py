@@ -398,6 +398,7 @@ SWEEP_MISTAKES: list[dict[str, Any]] = [
     {"strategy": "l2p", "scenario": "fewrel-offline", "set": {"scenario.n_train": "x"}},
     {"strategy": "l2p", "scenario": "digits-offline", "backbone": ["vit-tiny-random", "nope"]},
     {"strategy": "hide-prompt", "scenario": "fewrel-offline", "preset": "authors"},
+    {"strategy": "l2p", "scenario": "digits-offline", "loggers": ["csv,nope"], "set": {"x": 1}},
 ]
 
 

@@ -476,3 +476,36 @@ def test_ray_sweep_survives_a_killed_worker_with_identical_results(tmp_path):
     for label, matrix in ray_runs.items():
         assert matrix.shape == (5, 5)
         np.testing.assert_array_equal(matrix, local_runs[label])
+
+
+def test_a_sweep_gives_its_runs_loggers_without_changing_their_identity(tmp_path, capsys):
+    grid = write_yaml(
+        tmp_path / "g.yaml", "strategy: seq-ft\nscenario: digits-offline\nloggers: csv\n"
+    )
+    with_file = plan(SweepCommand(file=grid, out=tmp_path / "out", device="cpu"))[2]
+    with_flag = plan(
+        SweepCommand(file=grid, loggers=["text,csv"], out=tmp_path / "out", device="cpu")
+    )[2]
+    without = plan(
+        SweepCommand(strategies=["seq-ft"], scenarios=["digits-offline"], out=tmp_path / "out")
+    )[2]
+    assert with_file[0].config["loggers"] == ["csv"]
+    assert with_flag[0].config["loggers"] == ["text", "csv"]  # the flag replaces the file's
+    assert "loggers" not in without[0].config
+    assert with_file[0].folder == with_flag[0].folder == without[0].folder
+    bad = write_yaml(tmp_path / "bad.yaml", "strategy: seq-ft\nscenario: digits-offline\n")
+    assert main(["sweep", str(bad), "--logger", "nope", "--out", str(tmp_path / "o")]) == 2
+    assert "loggers: unknown logger 'nope'; valid choices: " in capsys.readouterr().err
+    with pytest.raises(SweepError, match="loggers: a logger name or a list of them"):
+        expand(parse_sweep({"strategy": "seq-ft", "scenario": "digits-offline",
+                            "loggers": [1]}, "test"), tmp_path, "cpu")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_sweep_run_writes_its_loggers(tmp_path):
+    out = tmp_path / "out"
+    arguments = ["sweep", "-s", "seq-ft", "-c", "digits-offline", *TINY, "--out", str(out)]
+    assert main([*arguments, "--logger", "csv"]) == 0
+    (config,) = out.glob("*/*/*/config.json")
+    assert json.loads(config.read_text())["loggers"] == ["csv"]
+    assert list((config.parent / "logs" / "csv").glob("*.csv"))

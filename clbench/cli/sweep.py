@@ -81,6 +81,14 @@ def add_parsers(commands: Commands) -> None:
         "$CLBENCH_RESULTS); on Ray a path every node sees",
     )
     sweep.add_argument("--device", help="auto | cpu | cuda (default: the file's, else auto)")
+    sweep.add_argument(
+        "--logger",
+        action="append",
+        default=[],
+        metavar="KIND",
+        help="Avalanche logger(s) of every run the sweep starts, as clbench run --logger "
+        "(tensorboard, wandb, csv, text; replaces the file's loggers)",
+    )
     add_data_root(sweep)
     sweep.add_argument("--backend", default="local", help="local (default) or ray")
     sweep.add_argument(
@@ -124,6 +132,7 @@ def command_sweep(args: argparse.Namespace) -> int:
         backbones=comma_list(args.sweep_backbone),
         presets=comma_list(args.sweep_preset),
         overrides=args.overrides,
+        loggers=args.logger,
         out=args.out,
         device=args.device,
         data_root=args.data_root,

@@ -40,6 +40,7 @@ class SweepCommand:
     backbones: list[str] = field(default_factory=list)
     presets: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)
+    loggers: list[str] = field(default_factory=list)
     out: Path | None = None
     device: str | None = None
     data_root: Path | None = None
@@ -73,6 +74,8 @@ def load_command_sweep(command: SweepCommand) -> Sweep:
         sweep = sweep_from_flags(*grid_flags)
     if command.device is not None:
         sweep.device = command.device
+    if command.loggers:  # the command line's loggers replace the file's
+        sweep.loggers = command.loggers
     if command.cpus_per_run is not None:
         sweep.resources.cpus = command.cpus_per_run
     if command.gpus_per_run is not None:

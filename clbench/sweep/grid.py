@@ -16,7 +16,16 @@ from typing import Any
 from clbench.errors import UsageError
 
 GRID_KEYS = ("strategy", "scenario", "seed", "backbone", "preset", "set", "vary")
-FILE_KEYS = (*GRID_KEYS, "description", "out", "device", "resources", "max_retries", "grids")
+FILE_KEYS = (
+    *GRID_KEYS,
+    "description",
+    "out",
+    "device",
+    "resources",
+    "max_retries",
+    "loggers",
+    "grids",
+)
 RESOURCE_KEYS = ("cpus", "gpus")
 TEXT_KEYS = ("out", "device", "description")
 DEFAULT_MAX_RETRIES = 2
@@ -61,6 +70,8 @@ class Sweep:
     device: str = "auto"
     resources: Resources = field(default_factory=Resources)
     max_retries: int = DEFAULT_MAX_RETRIES
+    # Avalanche loggers of every run the sweep starts (``clbench run --logger``'s kinds)
+    loggers: list[str] = field(default_factory=list)
     # what is wrong in the file's structure; expand() adds the names and options that do
     # not resolve and reports everything at once
     problems: list[str] = field(default_factory=list)
@@ -224,6 +235,17 @@ def _max_retries(data: dict[str, Any], problems: list[str]) -> int:
     return value
 
 
+def _loggers(data: dict[str, Any], problems: list[str]) -> list[str]:
+    """``loggers``: a kind, a comma list or a list of them (checked with the runs' own
+    parser when the grid is expanded)."""
+    value = data.get("loggers", [])
+    values = _as_list(value)
+    if not all(isinstance(item, str) for item in values):
+        problems.append(f"loggers: a logger name or a list of them, got {value!r}")
+        return []
+    return values
+
+
 def _texts(data: dict[str, Any], problems: list[str]) -> dict[str, str]:
     for key in TEXT_KEYS:
         if key in data and not isinstance(data[key], str):
@@ -248,6 +270,7 @@ def parse_sweep(data: Any, source: str) -> Sweep:
         device=text.get("device", "auto"),
         resources=resources,
         max_retries=max_retries,
+        loggers=_loggers(data, problems),
         problems=problems,
     )
 

@@ -93,7 +93,9 @@ def _check_names(grid: Grid, where: str, problems: list[str]) -> set[str]:
     return bad
 
 
-def _resolve_point(point: dict[str, Any], overrides: Overrides) -> dict[str, Any]:
+def _resolve_point(
+    point: dict[str, Any], overrides: Overrides, loggers: list[str] | None = None
+) -> dict[str, Any]:
     from clbench.runner import RunRequest, resolve_run
 
     return resolve_run(
@@ -102,9 +104,20 @@ def _resolve_point(point: dict[str, Any], overrides: Overrides) -> dict[str, Any
             strategy_overrides=overrides["strategy"],
             scenario_overrides=overrides["scenario"],
             backbone_overrides=overrides["backbone"],
+            loggers=loggers or [],
             device="cpu",
         )
     )
+
+
+def _logger_problems(sweep: Sweep) -> tuple[list[str], list[str]]:
+    """The sweep's logger kinds, and what is wrong with them (the runs' own parser)."""
+    from clbench.run_loggers import parse_logger_kinds
+
+    try:
+        return parse_logger_kinds(sweep.loggers), []
+    except UsageError as error:
+        return [], [f"loggers: {error}"]
 
 
 def _each_problem(
@@ -151,6 +164,7 @@ def _grid_specs(
     command_line: Overrides,
     problems: list[str],
     bar: Progress,
+    loggers: list[str],
 ) -> list[RunSpec]:
     """The resolved points of one grid block; what does not resolve goes to ``problems``."""
     bad_names = _check_names(grid, where, problems)
@@ -172,7 +186,7 @@ def _grid_specs(
             "preset": preset,
         }
         try:
-            config = _resolve_point(point, overrides)
+            config = _resolve_point(point, overrides, loggers)
         except UsageError as error:
             for message in _each_problem(point, overrides, error, _resolve_point):
                 problems.append(f"{where}: {scenario} / {strategy}: {message}")
@@ -208,7 +222,7 @@ def check_before_importing(sweep: Sweep, extra_overrides: list[str] | None = Non
     def check(point: dict[str, Any], overrides: Overrides) -> None:
         check_run(catalog, **point, overrides=overrides, loggers=[], device="cpu")
 
-    problems: list[str] = []
+    _, problems = _logger_problems(sweep)
     for index, grid in enumerate(sweep.grids):
         where = f"grids[{index}]" if len(sweep.grids) > 1 else "grid"
         bad: set[str] = set()
@@ -269,14 +283,16 @@ def expand(
         command_line = parse_set_arguments(extra_overrides or [])
     except UsageError as error:
         raise SweepError("command line", [str(error)]) from None
-    problems: list[str] = list(sweep.problems)
+    loggers, logger_problems = _logger_problems(sweep)
+    problems: list[str] = [*sweep.problems, *logger_problems]
     specs: dict[str, RunSpec] = {}
     load_registered_names()
     points = sum(grid_size(grid) for grid in sweep.grids)
     with progress(points, f"validating the grid of {sweep.source}", unit="points") as bar:
         for index, grid in enumerate(sweep.grids):
             where = f"grids[{index}]" if len(sweep.grids) > 1 else "grid"
-            for spec in _grid_specs(grid, where, out, device, command_line, problems, bar):
+            found = _grid_specs(grid, where, out, device, command_line, problems, bar, loggers)
+            for spec in found:
                 specs.setdefault(spec.identity, spec)
     if problems:
         raise SweepError(sweep.source, list(dict.fromkeys(problems)))
