@@ -46,6 +46,7 @@ from clbench.data.splits import (
 from clbench.data.vision import (
     ClassOrder,
     Normalization,
+    class_order_seed_option,
     image_scenario,
     normalize_option,
     require_vision_encoder,
@@ -93,6 +94,7 @@ class ImageNetROptions(TaskSplitOptions, Options):
     class_order: ClassOrder = option(
         "seed", "seed: random.seed(seed) shuffle of the classes; natural: sorted WordNet ids"
     )
+    class_order_seed: int = class_order_seed_option()
     augment: bool = option(
         True,
         "RandomResizedCrop(scale=(crop_scale_min, 1)) + flip for training (false: test transform)",
@@ -221,7 +223,7 @@ def read_class_names(images: Path, wnids: Sequence[str]) -> list[str]:
 def check_imagenet_r_options(options: ImageNetROptions) -> None:
     """The checks that need no data: run first, so bad options cost nothing."""
     options.task_split(IMAGENET_R_CLASSES, "imagenet-r")
-    resolve_class_order(options.class_order, IMAGENET_R_CLASSES, 0)
+    resolve_class_order(options.class_order, IMAGENET_R_CLASSES, 0, options.class_order_seed)
     if not 0 < options.crop_scale_min <= 1:
         raise UsageError(f"crop_scale_min must be in (0, 1] (got {options.crop_scale_min})")
 
@@ -256,7 +258,9 @@ def imagenet_r(options: ImageNetROptions, encoder: Any, seed: int) -> Scenario:
     wnids = sorted({path.split("/", 1)[0] for path in split["train"] + split["test"]})
     # the real archive has 200 classes; a smaller archive (a test's) must still split
     tasks = options.task_split(len(wnids), "imagenet-r")
-    class_order = resolve_class_order(options.class_order, len(wnids), seed)
+    class_order = resolve_class_order(
+        options.class_order, len(wnids), seed, options.class_order_seed
+    )
     class_id = {w: i for i, w in enumerate(wnids)}
 
     def dataset(paths: list[str]) -> ImageFileDataset:

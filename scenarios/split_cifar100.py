@@ -29,6 +29,7 @@ from clbench.data.splits import (
 from clbench.data.vision import (
     ClassOrder,
     Normalization,
+    class_order_seed_option,
     image_scenario,
     normalize_option,
     require_vision_encoder,
@@ -73,6 +74,7 @@ class SplitCIFAR100Options(TaskSplitOptions, Options):
         "seed: random.seed(seed) shuffle of the classes (NoRGa's scripts); "
         "natural: 0..99 (HiDe-Prompt's scripts)",
     )
+    class_order_seed: int = class_order_seed_option()
     augment: bool = option(
         True, "RandomResizedCrop + flip on training images (false: the test transform)"
     )
@@ -103,11 +105,13 @@ def load_cifar100(folder: Path) -> CIFAR100Arrays:
 def check_cifar100_options(options: SplitCIFAR100Options) -> None:
     """The checks that need no data: run first, so bad options cost nothing."""
     options.task_split(CIFAR100_CLASSES, "split-cifar100")
-    resolve_class_order(options.class_order, CIFAR100_CLASSES, 0)
+    resolve_class_order(options.class_order, CIFAR100_CLASSES, 0, options.class_order_seed)
 
 
 def describe_cifar100(options: SplitCIFAR100Options) -> str:
     order = "seeded class order" if options.class_order == "seed" else "classes 0..99 in order"
+    if options.class_order_seed >= 0:
+        order = f"the class order of seed {options.class_order_seed}"
     return (
         f"{protocol_line(options, CIFAR100_CLASSES, 'split-cifar100')}, {order}; "
         "500 train / 100 test images per class"
@@ -132,7 +136,9 @@ def split_cifar100(options: SplitCIFAR100Options, encoder: Any, seed: int) -> Sc
     # Bad options and a wrong backbone are refused before any download.
     check_cifar100_options(options)
     tasks = options.task_split(CIFAR100_CLASSES, "split-cifar100")
-    class_order = resolve_class_order(options.class_order, CIFAR100_CLASSES, seed)
+    class_order = resolve_class_order(
+        options.class_order, CIFAR100_CLASSES, seed, options.class_order_seed
+    )
     size = require_vision_encoder(encoder, "split-cifar100")
     folder = CIFAR100.ensure(options, default_data_root())
     data = load_cifar100(folder)

@@ -43,6 +43,7 @@ from clbench.data.splits import (
 from clbench.data.vision import (
     ClassOrder,
     Normalization,
+    class_order_seed_option,
     image_scenario,
     normalize_option,
     require_vision_encoder,
@@ -65,6 +66,7 @@ class SplitCUB200Options(TaskSplitOptions, Options):
     class_order: ClassOrder = option(
         "seed", "seed: random.seed(seed) shuffle of the classes (NoRGa); natural: 0..199 (HiDe)"
     )
+    class_order_seed: int = class_order_seed_option()
     augment: bool = option(
         True, "RandomResizedCrop(scale=(crop_scale_min, 1)) + flip for training images"
     )
@@ -163,7 +165,7 @@ def read_cub(folder: Path) -> CUBListing:
 def check_cub_options(options: SplitCUB200Options) -> None:
     """The checks that need no data: run first, so bad options cost nothing."""
     options.task_split(CUB_CLASSES, SCENARIO)
-    resolve_class_order(options.class_order, CUB_CLASSES, 0)
+    resolve_class_order(options.class_order, CUB_CLASSES, 0, options.class_order_seed)
     if not 0 < options.crop_scale_min <= 1:
         raise UsageError(f"crop_scale_min must be in (0, 1] (got {options.crop_scale_min})")
 
@@ -199,7 +201,9 @@ def split_cub200(options: SplitCUB200Options, encoder: Any, seed: int) -> Scenar
     listing = read_cub(folder)
     # the real data has 200 classes; a smaller folder (a test's) must still split
     tasks = options.task_split(len(listing.class_names), SCENARIO)
-    class_order = resolve_class_order(options.class_order, len(listing.class_names), seed)
+    class_order = resolve_class_order(
+        options.class_order, len(listing.class_names), seed, options.class_order_seed
+    )
     images = folder / "images"
     train = ImageFileDataset(images, listing.train_files, listing.train_labels)
     test = ImageFileDataset(images, listing.test_files, listing.test_labels)

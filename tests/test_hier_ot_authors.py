@@ -378,8 +378,10 @@ def test_authors_presets_resolve_per_scenario_and_mark_the_quirks():
     name, values = resolve_preset(strategy_class, "authors", "split-cifar100", "cifar")
     assert name == "authors:split-cifar100" and values == AUTHORS_CIFAR
     assert values["taxonomy"] == "authors-split-cifar100" and values["pseudo_features"] == 0
+    assert values["scenario.class_order_seed"] == 42  # their trees' order, for any --seed
     name, values = resolve_preset(strategy_class, "authors", "imagenet-r", "imagenet-r")
     assert values == AUTHORS_IMAGENET_R and values["taxonomy_check"] == "lenient"
+    assert values["scenario.class_order_seed"] == 42
     name, values = resolve_preset(strategy_class, "authors", "fewrel-offline", "fewrel")
     assert name == "authors:fewrel" and values["supcon_form"] == "authors"
     shipped = strategy_class.presets["authors-as-shipped:split-cifar100"]

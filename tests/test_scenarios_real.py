@@ -86,6 +86,13 @@ def test_split_cifar100(cifar_options, data_root, tiny_vit, server):
     assert split_cifar100(cifar_options, tiny_vit, seed=40).details["class_order"][:10] != (
         NORGA_SEED_42_TASK_1
     )
+    # class_order_seed: one class order for every run seed (hier-ot's authors trees)
+    pinned = SplitCIFAR100Options(**{**cifar_options.to_dict(), "class_order_seed": 42})
+    for seed in (0, 7):
+        assert split_cifar100(pinned, tiny_vit, seed=seed).details["class_order"][:10] == (
+            NORGA_SEED_42_TASK_1
+        )
+    assert "class_order_seed" not in cifar_options.to_dict()  # recorded only when set
     hide = split_cifar100(
         SplitCIFAR100Options(**{**cifar_options.to_dict(), "class_order": "natural"}),
         tiny_vit,
@@ -110,7 +117,12 @@ def test_split_cifar100_train_transform_augments(cifar_options, data_root, tiny_
 
 @pytest.mark.parametrize(
     ("change", "problem"),
-    [({"num_experiences": 7}, "100 classes into 7"), ({"class_order": "random"}, "class_order")],
+    [
+        ({"num_experiences": 7}, "100 classes into 7"),
+        ({"class_order": "random"}, "class_order"),
+        ({"class_order": "natural", "class_order_seed": 3}, "needs class_order=seed"),
+        ({"class_order_seed": -2}, "a seed >= 0"),
+    ],
 )
 def test_split_cifar100_bad_options_fail_before_download(
     cifar_options,

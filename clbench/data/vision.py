@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from clbench.config import option
-from clbench.data.splits import TaskSplit, split_details
+from clbench.data.splits import TaskSplit, added_option, split_details
 from clbench.errors import UsageError
 from clbench.scenario import Scenario, seeded_class_order, split_into_tasks
 
@@ -41,10 +41,26 @@ def require_vision_encoder(
     return int(encoder.input_size[1]), int(encoder.input_size[2])
 
 
-def resolve_class_order(kind: str, num_classes: int, seed: int) -> list[int]:
-    """``seed``: NoRGa's ``random.seed(seed)`` shuffle; ``natural``: 0..n-1 (HiDe's)."""
+def class_order_seed_option() -> Any:
+    """The seed of ``class_order=seed``'s shuffle when it is not the run's own: one class
+    order for every training seed (an authors' label tree follows one order)."""
+    return added_option(
+        -1,
+        "class_order=seed: shuffle the classes with this seed instead of the run's --seed "
+        "(-1), so that every training seed keeps one class order",
+    )
+
+
+def resolve_class_order(kind: str, num_classes: int, seed: int, order_seed: int = -1) -> list[int]:
+    """``seed``: NoRGa's ``random.seed(seed)`` shuffle (of ``order_seed`` when >= 0);
+    ``natural``: 0..n-1 (HiDe's)."""
+    if order_seed != -1 and (kind != "seed" or order_seed < 0):
+        raise UsageError(
+            f"class_order_seed={order_seed} needs class_order=seed and a seed >= 0 (-1: the "
+            "run's seed)"
+        )
     if kind == "seed":
-        return seeded_class_order(num_classes, seed)
+        return seeded_class_order(num_classes, seed if order_seed < 0 else order_seed)
     if kind == "natural":
         return list(range(num_classes))
     raise UsageError(f"unknown class_order {kind!r}; expected one of {', '.join(CLASS_ORDERS)}")
