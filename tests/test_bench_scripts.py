@@ -347,3 +347,17 @@ def test_the_gpu_check_dry_run_goes_through_every_step(tmp_path):
     assert summary["agreement"]["argmax_agreement"] >= 0.5
     assert summary["bf16_tests_exit_code"] == 0
     assert (tmp_path / "site" / "clbench").is_dir()  # clbench itself went into the target
+
+
+def test_the_readout_benchmark_times_every_readout(tiny_vit, capsys):
+    import argparse
+
+    import bench_readout
+
+    args = argparse.Namespace(batch_size=2, prompt_tokens=3, rounds=1, repeats=1)
+    bench_readout.measure("tiny", tiny_vit, torch.randn(1, 3, 32, 32), args)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("tiny: batch 2") and len(lines) == 4
+    for line in lines[2:]:
+        assert all(f"{readout} " in line for readout in ("tokens", "prompt", "pooled"))
+        assert "tokens " in line and "(1.000x)" in line
