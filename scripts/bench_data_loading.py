@@ -145,7 +145,7 @@ def step_rate(encoder: Any, batch: torch.Tensor, repeats: int) -> float:
 
     def step() -> None:
         encoder.query(batch)
-        output = encoder(batch, Prompt(tokens=tokens))
+        output = encoder(batch, Prompt(tokens=tokens), readout="prompt")  # as l2p runs
         head(output.prompt_token_states().mean(dim=1)).sum().backward()
 
     step()  # warm-up

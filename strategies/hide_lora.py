@@ -146,9 +146,9 @@ class HiDeLoRA(HiDePrompt):
         unused = [n for n in PREFIX_ONLY_OPTIONS if getattr(c, n) != getattr(default, n)]
         if unused:
             raise UsageError(
-                f"hide-lora has a LoRA per task and no prefixes: {', '.join(unused)} would "
-                "change nothing here (its own options: rank, alpha, lora_targets, "
-                "prompt_layers, prompt_momentum)"
+                f"hide-lora has a LoRA per task and no prefixes: {', '.join(unused)} do not "
+                "apply to it (its own options: rank, alpha, lora_targets, prompt_layers, "
+                "prompt_momentum)"
             )
         super().setup(model)  # head, TII head, consolidation, prompted-feature cache
         model.prompts = TaskLoRAs(

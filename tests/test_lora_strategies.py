@@ -260,5 +260,5 @@ def test_hide_lora_refuses_the_prefix_options_it_inherits(tiny_vit, digits):
         {"prefix_layout": "authors_batch_mix"},
         {"prompt": "vapt"},
     ):
-        with pytest.raises(UsageError, match="no prefixes: .*would change nothing"):
+        with pytest.raises(UsageError, match="no prefixes: .*do not apply to it"):
             make("hide-lora", tiny_vit, digits, **options)

@@ -399,6 +399,12 @@ SWEEP_MISTAKES: list[dict[str, Any]] = [
     {"strategy": "l2p", "scenario": "digits-offline", "backbone": ["vit-tiny-random", "nope"]},
     {"strategy": "hide-prompt", "scenario": "fewrel-offline", "preset": "authors"},
     {"strategy": "l2p", "scenario": "digits-offline", "loggers": ["csv,nope"], "set": {"x": 1}},
+    {  # each bad value is judged under the point's preset, whose backbone it names
+        "strategy": "l2p",
+        "scenario": "split-cifar100",
+        "preset": "authors",
+        "set": {"backbone.nope": 1, "lr": "x"},
+    },
 ]
 
 
@@ -412,6 +418,11 @@ def test_a_sweep_is_refused_before_the_imports_as_expand_refuses_it(
         with pytest.raises(SweepError) as live:
             expand(parse_sweep(data, "test.yaml"), tmp_path, "cpu")
         assert str(early.value) == str(live.value), data
+        if data["scenario"] == "split-cifar100":  # the authors' backbone, not the default
+            assert "unknown backbone vit-b16-orig-in21k option 'nope'" in str(early.value)
+    # a user's file.py:Class may register what the catalog does not know: expand decides
+    plugin = {"strategy": ["l2p", "my_file.py:Mine"], "scenario": "registered-by-my-file"}
+    check_before_importing(parse_sweep(plugin, "test.yaml"))
     good = {"strategy": ["l2p", "seq-ft"], "scenario": "digits-offline", "preset": "quick"}
     check_before_importing(parse_sweep(good, "test.yaml"), ["lr=0.1", "scenario.train_per_class=8"])
     assert not list(tmp_path.iterdir())

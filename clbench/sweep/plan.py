@@ -126,16 +126,22 @@ def _each_problem(
     first: UsageError,
     check: Callable[[dict[str, Any], Overrides], Any],
 ) -> list[str]:
-    """A check stops at the first bad option: try each override alone to name them all."""
+    """A check stops at the first bad option: try each override alone to name them all,
+    under the point's preset (which may choose the backbone a ``backbone.*`` value is
+    checked against), and where that fails as the point did (a bad preset) under none."""
     errors = [str(first)]
     for group, values in overrides.items():
         for key, value in values.items():
             alone: Overrides = {name: {} for name in overrides}
             alone[group] = {key: value}
-            try:
-                check({**point, "preset": "default"}, alone)
-            except UsageError as error:
-                errors.append(str(error))
+            for preset in dict.fromkeys([point["preset"], "default"]):
+                try:
+                    check({**point, "preset": preset}, alone)
+                    break
+                except UsageError as error:
+                    if str(error) != str(first) or preset == "default":
+                        errors.append(str(error))
+                        break
     return list(dict.fromkeys(errors))
 
 
@@ -203,8 +209,8 @@ def check_before_importing(sweep: Sweep, extra_overrides: list[str] | None = Non
     presets, ``--set`` keys and values: :func:`clbench.cli.preflight.check_run`), before
     torch is imported, so a sweep's typo is answered in a second, not after the imports.
 
-    Silent where the catalog cannot stand in for the registries, and for points with a
-    user's ``module:Class`` strategy; what it passes, :func:`expand` checks again in
+    Silent where the catalog cannot stand in for the registries, and for a sweep with a
+    user's ``module:Class`` strategy (importing it may register more); what it passes, :func:`expand` checks again in
     full, so it can only refuse what ``expand`` refuses (whose list may hold more: the
     scenarios' own checks need their code)."""
     from clbench.catalog import from_file
@@ -212,8 +218,8 @@ def check_before_importing(sweep: Sweep, extra_overrides: list[str] | None = Non
     from clbench.config import parse_set_arguments
 
     catalog = from_file()
-    if catalog is None:
-        return
+    if catalog is None or any(":" in name for grid in sweep.grids for name in grid.strategy):
+        return  # a user's file.py:Class may register scenarios and backbones when imported
     try:
         command_line = parse_set_arguments(extra_overrides or [])
     except UsageError:
@@ -232,7 +238,7 @@ def check_before_importing(sweep: Sweep, extra_overrides: list[str] | None = Non
             ("backbone", grid.backbone),
         ):
             for name in names:
-                if name is None or ":" in name:
+                if name is None:
                     continue
                 try:
                     catalog.entry(kind, name)
@@ -243,12 +249,13 @@ def check_before_importing(sweep: Sweep, extra_overrides: list[str] | None = Non
         for scenario, strategy, backbone, preset, varying in itertools.product(
             grid.scenario, grid.strategy, grid.backbone, grid.preset, varied
         ):
-            if bad & {scenario, strategy, backbone} or ":" in strategy:
+            if bad & {scenario, strategy, backbone}:
                 continue
             overrides = _point_overrides({**grid.overrides, **varying}, command_line)
             point = {"strategy": strategy, "scenario": scenario, "backbone": backbone}
+            point["preset"] = preset
             try:
-                check({**point, "preset": preset}, overrides)
+                check(point, overrides)
             except UsageError as error:
                 for message in _each_problem(point, overrides, error, check):
                     problems.append(f"{where}: {scenario} / {strategy}: {message}")
