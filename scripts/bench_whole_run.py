@@ -198,6 +198,23 @@ def option_text(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def probe_then_measure(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[Tensor, PeakMemory, float]:
+    """The weight probe's query features (from an encoder built and dropped before the
+    clock starts), then the memory meter, reset: every side measures from there."""
+    from clbench.api import create_encoder
+
+    encoder = create_encoder(BACKBONE, **backbone_overrides(args)).to(device)
+    with torch.no_grad():
+        probe = encoder.query(probe_batch(args.test_per_class).to(device))
+    del encoder
+    gc.collect()
+    memory = PeakMemory(device)
+    memory.reset()
+    return probe, memory, memory.current_mib()
+
+
 def process_facts(memory: PeakMemory, baseline: float, probe: Tensor) -> dict[str, Any]:
     """What every side's result reports of its process: memory, the weight probe, torch."""
     return {
@@ -211,7 +228,6 @@ def process_facts(memory: PeakMemory, baseline: float, probe: Tensor) -> dict[st
 
 
 def run_clbench_whole(args: argparse.Namespace) -> dict[str, Any]:
-    from clbench.api import create_encoder
     from clbench.registry import STRATEGIES
     from clbench.runner import RunRequest, execute, new_run_folder, resolve_run
 
@@ -235,14 +251,7 @@ def run_clbench_whole(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
     )
     config = resolve_run(request)
-    encoder = create_encoder(BACKBONE, **backbone_overrides(args)).to(device)
-    with torch.no_grad():
-        probe = encoder.query(probe_batch(args.test_per_class).to(device))
-    del encoder
-    gc.collect()
-    memory = PeakMemory(device)
-    memory.reset()
-    baseline = memory.current_mib()
+    probe, memory, baseline = probe_then_measure(args, device)
     with tempfile.TemporaryDirectory() as out:
         began = time.perf_counter()
         folder = execute(new_run_folder(Path(out), config), config, echo=lambda line: None)
@@ -285,14 +294,7 @@ def run_floor(args: argparse.Namespace) -> dict[str, Any]:
     from clbench.training import resolve_precision
 
     device = prepare_process(args)
-    encoder = create_encoder(BACKBONE, **backbone_overrides(args)).to(device)
-    with torch.no_grad():
-        probe = encoder.query(probe_batch(args.test_per_class).to(device))
-    del encoder
-    gc.collect()
-    memory = PeakMemory(device)
-    memory.reset()
-    baseline = memory.current_mib()
+    probe, memory, baseline = probe_then_measure(args, device)
     # from here as the other sides count: building the data and the model is in the run
     began = time.perf_counter()
     encoder = create_encoder(BACKBONE, **backbone_overrides(args)).to(device)
