@@ -101,7 +101,7 @@ def split_preset(
     scenario_values: dict[str, Any] = {}
     for key, value in values.items():
         if key == BACKBONE_PRESET_KEY:
-            continue  # see preset_backbone
+            continue  # the run's backbone: see choose_backbone
         if not key.startswith(SCENARIO_PRESET_PREFIX):
             strategy_values[key] = value
         elif (option := key.removeprefix(SCENARIO_PRESET_PREFIX)) in scenario_fields:

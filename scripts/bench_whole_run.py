@@ -48,6 +48,7 @@ run folder holds to resume (the last checkpoint and its query-cache parts).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -318,13 +319,17 @@ def run_floor(args: argparse.Namespace) -> dict[str, Any]:
     train_s: list[float] = []
     eval_s: list[float] = []
 
+    def in_precision() -> contextlib.AbstractContextManager[Any]:
+        # as CLStrategy.autocast: bf16 autocast when asked for, else nothing
+        return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype)
+
     def prompted(x: Tensor) -> Tensor:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with in_precision():
             output = encoder(x, Prompt(tokens=prompt[: len(x)]), readout="prompt")
             return head(output.prompt_token_states().mean(dim=1)).float()
 
     def query(x: Tensor) -> Tensor:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with in_precision():
             return encoder.query(x)
 
     for task, images in enumerate(train_sets):

@@ -164,9 +164,7 @@ class PromptableEncoder(nn.Module):
             context = self.extend_context(context, num_prompt_tokens)
         if prompt is not None:
             prompt.check_layers(self.num_layers)
-        rows = (
-            None if readout == "tokens" else self.output_rows(context, num_prompt_tokens, readout)
-        )
+        rows = None
         for index in range(self.num_layers):
             layer = NO_LAYER_PROMPT
             if prompt is not None:
@@ -174,9 +172,11 @@ class PromptableEncoder(nn.Module):
                 generator = prompt.generators.get(index)
                 if generator is not None:  # VAPT: computed from this block's own input
                     layer = layer.merged(generator(hidden, context))
-            if index == self.num_layers - 1 and layer.delta is not None and layer.delta.taps:
-                rows = None  # a tap sees every row of its projection's input
-            if rows is not None and index == self.num_layers - 1:
+            # the last block, for the rows the readout reads (a tap sees every row)
+            tapped = layer.delta is not None and bool(layer.delta.taps)
+            if index == self.num_layers - 1 and readout != "tokens" and not tapped:
+                rows = self.output_rows(context, num_prompt_tokens, readout)
+            if rows is not None:
                 hidden = self.run_block(index, hidden, context, layer, rows=rows)
                 context, num_prompt_tokens = rows.context, rows.num_prompt_tokens
             else:

@@ -15,7 +15,7 @@ import hashlib
 import itertools
 import json
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,26 +71,60 @@ def run_folder(out: Path, config: dict[str, Any], identity: str) -> Path:
     return Path(out) / config["scenario"] / strategy / name
 
 
-def _check_names(grid: Grid, where: str, problems: list[str]) -> set[str]:
-    """Names that do not exist (reported once each, with the valid choices)."""
+NameLookup = Callable[[str, str], Any]  # (kind, name) -> the entry; UsageError if unknown
+
+
+def registry_lookup(kind: str, name: str) -> Any:
+    """The registered strategy class (a ``file.py:Class`` too), scenario or backbone."""
     from clbench.registry import BACKBONES, SCENARIOS, load_strategy_class
 
+    lookups: dict[str, Callable[[str], Any]] = {
+        "strategy": load_strategy_class,
+        "scenario": SCENARIOS.get,
+        "backbone": BACKBONES.get,
+    }
+    return lookups[kind](name)
+
+
+def _check_names(grid: Grid, where: str, problems: list[str], lookup: NameLookup) -> set[str]:
+    """Names that do not exist (reported once each, with the valid choices)."""
     bad: set[str] = set()
-    checks: list[tuple[Callable[[str], Any], Iterable[str | None]]] = [
-        (load_strategy_class, grid.strategy),
-        (SCENARIOS.get, grid.scenario),
-        (BACKBONES.get, grid.backbone),
+    names: list[tuple[str, Iterable[str | None]]] = [
+        ("strategy", grid.strategy),
+        ("scenario", grid.scenario),
+        ("backbone", grid.backbone),
     ]
-    for lookup, names in checks:
-        for name in names:
+    for kind, given in names:
+        for name in given:
             if name is None:
                 continue
             try:
-                lookup(name)
+                lookup(kind, name)
             except UsageError as error:
                 bad.add(name)
                 problems.append(f"{where}: {error}")
     return bad
+
+
+def _points(grid: Grid) -> Iterator[tuple[dict[str, Any], dict[str, str]]]:
+    """Every point of a grid block, as a run request's fields, with its ``set`` and
+    ``vary`` values."""
+    varied = [dict(zip(grid.vary, values)) for values in itertools.product(*grid.vary.values())]
+    for scenario, strategy, backbone, preset, varying, seed in itertools.product(
+        grid.scenario, grid.strategy, grid.backbone, grid.preset, varied, grid.seed
+    ):
+        point = {
+            "strategy": strategy,
+            "scenario": scenario,
+            "backbone": backbone,
+            "seed": seed,
+            "preset": preset,
+        }
+        yield point, {**grid.overrides, **varying}
+
+
+def _block_name(index: int, sweep: Sweep) -> str:
+    return f"grids[{index}]" if len(sweep.grids) > 1 else "grid"
 
 
 def _resolve_point(
@@ -173,29 +207,18 @@ def _grid_specs(
     loggers: list[str],
 ) -> list[RunSpec]:
     """The resolved points of one grid block; what does not resolve goes to ``problems``."""
-    bad_names = _check_names(grid, where, problems)
-    varied = [dict(zip(grid.vary, values)) for values in itertools.product(*grid.vary.values())]
+    bad_names = _check_names(grid, where, problems, registry_lookup)
     specs = []
-    for scenario, strategy, backbone, preset, varying, seed in itertools.product(
-        grid.scenario, grid.strategy, grid.backbone, grid.preset, varied, grid.seed
-    ):
+    for point, pairs in _points(grid):
         bar.update()
-        if bad_names & {scenario, strategy, backbone}:
+        if bad_names & {point["scenario"], point["strategy"], point["backbone"]}:
             continue
-        pairs = {**grid.overrides, **varying}
         overrides = _point_overrides(pairs, command_line)
-        point = {
-            "strategy": strategy,
-            "scenario": scenario,
-            "backbone": backbone,
-            "seed": seed,
-            "preset": preset,
-        }
         try:
             config = _resolve_point(point, overrides, loggers)
         except UsageError as error:
             for message in _each_problem(point, overrides, error, _resolve_point):
-                problems.append(f"{where}: {scenario} / {strategy}: {message}")
+                problems.append(f"{where}: {point['scenario']} / {point['strategy']}: {message}")
             continue
         config["device"] = device
         identity = run_identity(config)
@@ -210,9 +233,9 @@ def check_before_importing(sweep: Sweep, extra_overrides: list[str] | None = Non
     torch is imported, so a sweep's typo is answered in a second, not after the imports.
 
     Silent where the catalog cannot stand in for the registries, and for a sweep with a
-    user's ``module:Class`` strategy (importing it may register more); what it passes, :func:`expand` checks again in
-    full, so it can only refuse what ``expand`` refuses (whose list may hold more: the
-    scenarios' own checks need their code)."""
+    user's ``module:Class`` strategy (importing it may register more). What it passes,
+    :func:`expand` checks again in full, so it can only refuse what ``expand`` refuses
+    (whose list may hold more: the scenarios' own checks need their code)."""
     from clbench.catalog import from_file
     from clbench.cli.preflight import check_run
     from clbench.config import parse_set_arguments
@@ -226,39 +249,24 @@ def check_before_importing(sweep: Sweep, extra_overrides: list[str] | None = Non
         return  # expand reports it, in its own words
 
     def check(point: dict[str, Any], overrides: Overrides) -> None:
-        check_run(catalog, **point, overrides=overrides, loggers=[], device="cpu")
+        request = {key: value for key, value in point.items() if key != "seed"}
+        check_run(catalog, **request, overrides=overrides, loggers=[], device="cpu")
 
     _, problems = _logger_problems(sweep)
     for index, grid in enumerate(sweep.grids):
-        where = f"grids[{index}]" if len(sweep.grids) > 1 else "grid"
-        bad: set[str] = set()
-        for kind, names in (
-            ("strategy", grid.strategy),
-            ("scenario", grid.scenario),
-            ("backbone", grid.backbone),
-        ):
-            for name in names:
-                if name is None:
-                    continue
-                try:
-                    catalog.entry(kind, name)
-                except UsageError as error:
-                    bad.add(name)
-                    problems.append(f"{where}: {error}")
-        varied = [dict(zip(grid.vary, values)) for values in itertools.product(*grid.vary.values())]
-        for scenario, strategy, backbone, preset, varying in itertools.product(
-            grid.scenario, grid.strategy, grid.backbone, grid.preset, varied
-        ):
-            if bad & {scenario, strategy, backbone}:
+        where = _block_name(index, sweep)
+        bad = _check_names(grid, where, problems, catalog.entry)
+        for point, pairs in _points(grid):
+            if bad & {point["scenario"], point["strategy"], point["backbone"]}:
                 continue
-            overrides = _point_overrides({**grid.overrides, **varying}, command_line)
-            point = {"strategy": strategy, "scenario": scenario, "backbone": backbone}
-            point["preset"] = preset
+            overrides = _point_overrides(pairs, command_line)
             try:
                 check(point, overrides)
             except UsageError as error:
                 for message in _each_problem(point, overrides, error, check):
-                    problems.append(f"{where}: {scenario} / {strategy}: {message}")
+                    problems.append(
+                        f"{where}: {point['scenario']} / {point['strategy']}: {message}"
+                    )
     if problems:
         raise SweepError(sweep.source, list(dict.fromkeys([*sweep.problems, *problems])))
 
@@ -297,7 +305,7 @@ def expand(
     points = sum(grid_size(grid) for grid in sweep.grids)
     with progress(points, f"validating the grid of {sweep.source}", unit="points") as bar:
         for index, grid in enumerate(sweep.grids):
-            where = f"grids[{index}]" if len(sweep.grids) > 1 else "grid"
+            where = _block_name(index, sweep)
             found = _grid_specs(grid, where, out, device, command_line, problems, bar, loggers)
             for spec in found:
                 specs.setdefault(spec.identity, spec)
