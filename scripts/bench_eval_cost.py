@@ -45,10 +45,10 @@ class ForwardCounter:
         self.rows = 0
         encoder.forward = self  # an instance attribute: nn.Module.__call__ finds it first
 
-    def __call__(self, x: torch.Tensor, prompt: Any = None) -> Any:
+    def __call__(self, x: torch.Tensor, prompt: Any = None, **options: Any) -> Any:
         if prompt is not None:
             self.rows += len(x)
-        return self.forward(x, prompt)
+        return self.forward(x, prompt, **options)  # readout= and whatever forward takes
 
     def remove(self) -> None:
         del self.encoder.forward

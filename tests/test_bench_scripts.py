@@ -361,3 +361,19 @@ def test_the_readout_benchmark_times_every_readout(tiny_vit, capsys):
     for line in lines[2:]:
         assert all(f"{readout} " in line for readout in ("tokens", "prompt", "pooled"))
         assert "tokens " in line and "(1.000x)" in line
+
+
+def test_the_eval_cost_counter_passes_the_forward_s_keywords_through(tiny_vit):
+    from bench_eval_cost import ForwardCounter
+
+    from clbench.encoders import Prompt
+
+    counter = ForwardCounter(tiny_vit)
+    try:
+        x = torch.randn(3, 3, 32, 32)
+        tiny_vit(x)  # an un-prompted pass is not counted
+        prompt = Prompt(tokens=torch.zeros(1, 2, tiny_vit.embed_dim))
+        assert tiny_vit(x, prompt, readout="pooled").readout == "pooled"
+        assert counter.rows == 3
+    finally:
+        counter.remove()
